@@ -1,0 +1,325 @@
+"""LightningDataModule over the camseg folder format.
+
+One module serves all three stages: classification batches (image + labels), CAM
+prediction batches over a split, and segmentation batches whose training masks come
+from the pseudo-label manifest while validation and test use ground-truth masks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from camseg.data.folder import DatasetIndex, Sample, load_index
+from camseg.data.splits import assign_splits
+from camseg.data.transforms import build_transforms
+from camseg.errors import ConfigError, DatasetError
+from camseg.utils.io import read_image, read_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Item:
+    """What a dataset reads for one sample: absolute paths, labels and identity."""
+
+    id: str
+    image: Path
+    mask: Path | None
+    labels: tuple[int, ...]
+    group: str
+    neighbours: tuple[Path, ...] = ()
+
+
+def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """(H,W) or (H,W,C) uint8 -> (H,W,channels): grey repeated, RGB averaged to grey."""
+    if img.ndim == 2:
+        img = img[..., None]
+    c = img.shape[2]
+    if c == channels:
+        return img
+    if channels == 1:
+        return img.mean(axis=2, keepdims=True).round().astype(np.uint8)
+    if c == 1:
+        return np.repeat(img, channels, axis=2)
+    raise DatasetError(f"cannot turn a {c}-channel image into {channels} channels; set data.in_channels to 1 or {c}")
+
+
+class SampleDataset(Dataset):
+    """Reads items; returns a dict of tensors.
+
+    Keys: ``image`` float (C,H,W) normalised, ``mask`` int64 (H,W) (zeros when absent),
+    ``has_mask`` bool, ``labels`` float (K,), ``id`` str, ``group`` str, ``index`` int,
+    ``orig_size`` int64 (2,) = the image file's (H,W).
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Item],
+        transform: Any,
+        in_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        context_slices: int = 0,
+        full_res: bool = False,
+    ) -> None:
+        self.items = list(items)
+        self.full_res = full_res
+        self.transform = transform
+        self.context_slices = context_slices
+        views = 2 * context_slices + 1
+        if in_channels % views:
+            raise ConfigError(
+                f"data.in_channels={in_channels} is not a multiple of the {views} slices of data.context_slices={context_slices}"
+            )
+        self.base_channels = in_channels // views
+        self.in_channels = in_channels
+        m = np.asarray(mean, dtype=np.float32).reshape(-1)
+        s = np.asarray(std, dtype=np.float32).reshape(-1)
+        if m.size not in (1, self.base_channels) or s.size not in (1, self.base_channels):
+            raise ConfigError(f"data.mean/std need 1 or {self.base_channels} values, got {m.size}/{s.size}")
+        # Normalisation constants per input channel (stacked slices share them).
+        self.mean = np.tile(np.broadcast_to(m, (self.base_channels,)), views) * 255.0
+        self.std = np.tile(np.broadcast_to(s, (self.base_channels,)), views) * 255.0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load_image(self, item: Item) -> np.ndarray:
+        """(H,W,in_channels) uint8, neighbours stacked for 2.5D input."""
+        paths = item.neighbours if self.context_slices else (item.image,)
+        planes = []
+        for p in paths:
+            try:
+                planes.append(to_channels(read_image(p), self.base_channels))
+            except DatasetError:
+                raise
+            except Exception as e:
+                raise DatasetError(f"{p}: cannot read image ({e}); re-export the file or remove its row") from None
+        shapes = {pl.shape for pl in planes}
+        if len(shapes) > 1:
+            raise DatasetError(f"{item.image}: neighbouring slices differ in size {sorted(shapes)}; 2.5D needs equal sizes")
+        return np.concatenate(planes, axis=2)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        image = self.load_image(item)
+        h, w = image.shape[:2]
+        has_mask = item.mask is not None
+        if has_mask:
+            mask = read_mask(item.mask)
+            if mask.shape != (h, w):
+                raise DatasetError(
+                    f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}; masks must match their image"
+                )
+        else:
+            mask = np.zeros((h, w), dtype=np.uint8)
+        out = self.transform(image=image, mask=mask)
+        img = (out["image"].astype(np.float32) - self.mean) / self.std
+        sample = {
+            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(),
+            "has_mask": has_mask,
+            "labels": torch.tensor(item.labels, dtype=torch.float32),
+            "id": item.id,
+            "group": item.group,
+            "index": i,
+            "orig_size": torch.tensor([h, w], dtype=torch.int64),
+        }
+        if self.full_res:
+            # Evaluation at the original resolution: the untouched mask and the image's path.
+            sample["mask_full"] = torch.from_numpy(mask).long()
+            sample["image_path"] = str(item.image)
+        return sample
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collation, except full-resolution masks of different sizes stay a list."""
+    full = [b.pop("mask_full") for b in batch] if "mask_full" in batch[0] else None
+    out = default_collate(batch)
+    if full is not None:
+        out["mask_full"] = torch.stack(full) if len({f.shape for f in full}) == 1 else full
+    return out
+
+
+def neighbour_paths(index: DatasetIndex, context_slices: int) -> dict[str, tuple[Path, ...]]:
+    """For each sample, the image paths of slices ``-k..+k`` of its patient, clamped at volume edges.
+
+    Slices are ordered by the ``slice`` column (falling back to row order); a patient
+    without neighbours repeats its own slice.
+    """
+    by_group: dict[str, list[Sample]] = defaultdict(list)
+    for s in index.samples:
+        by_group[s.group].append(s)
+    out: dict[str, tuple[Path, ...]] = {}
+    for ss in by_group.values():
+        order = sorted(range(len(ss)), key=lambda j: (ss[j].slice if ss[j].slice is not None else j, j))
+        ordered = [ss[j] for j in order]
+        n = len(ordered)
+        for pos, s in enumerate(ordered):
+            idx = [min(max(pos + d, 0), n - 1) for d in range(-context_slices, context_slices + 1)]
+            out[s.id] = tuple(index.path(ordered[j].image) for j in idx)
+    return out
+
+
+class CamSegDataModule(L.LightningDataModule):
+    """DataModule over a dataset root in the camseg folder format.
+
+    Args:
+        root: dataset root (``labels.csv`` inside).
+        classes: class columns to use (default: all non-reserved columns).
+        image_size: network input side (images and masks are resized to it).
+        in_channels: network input channels (``(2*context_slices+1) * per-slice channels``).
+        context_slices: 2.5D input: neighbours on each side stacked as channels.
+        batch_size, num_workers, pin_memory: DataLoader settings.
+        val_fraction, test_fraction, split_seed: patient-level split.
+        mean, std: per-channel normalisation of [0,1] intensities.
+        train_transforms: albumentations (or ``_target_`` configs) for training batches.
+        predict_split: the split whose CAMs stage 2 computes (``train``, or ``all``).
+        synthetic: generator arguments; when set and ``root`` is absent, the synthetic
+            dataset is generated there on first use.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        classes: list[str] | None = None,
+        image_size: int = 128,
+        in_channels: int = 1,
+        context_slices: int = 0,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.25,),
+        train_transforms: Sequence[Any] | None = None,
+        predict_split: str = "train",
+        synthetic: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.classes_arg = list(classes) if classes else None
+        self.image_size = int(image_size)
+        self.in_channels = int(in_channels)
+        self.context_slices = int(context_slices)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.mean, self.std = list(mean), list(std)
+        self.train_augmentations = list(train_transforms or [])
+        if predict_split not in ("train", "val", "test", "all"):
+            raise ConfigError(f"data.predict_split='{predict_split}': use train, val, test or all")
+        self.predict_split = predict_split
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.index: DatasetIndex | None = None
+        self.splits: dict[str, list[Sample]] = {}
+        self.train_masks: dict[str, Path] | None = None  # stage 3: pseudo-mask per training sample id
+        self.full_res_eval = False  # stage 3: test batches carry full-resolution masks
+
+    # -- setup ---------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.synthetic is not None and not (self.root / "labels.csv").exists():
+            from camseg.data.synthetic import generate
+
+            log.info("generating the synthetic dataset into %s", self.root)
+            generate(self.root, **self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.index is not None:
+            return
+        self.prepare_data()  # idempotent; covers processes where prepare_data was not called
+        self.index = load_index(self.root, classes=self.classes_arg)
+        self.splits = assign_splits(self.index.samples, self.val_fraction, self.test_fraction, self.split_seed)
+        self._neighbours = neighbour_paths(self.index, self.context_slices) if self.context_slices else {}
+        log.info(
+            "dataset %s: %d samples, classes %s, split (patients) %s",
+            self.root,
+            len(self.index),
+            self.index.classes,
+            {k: len({s.group for s in v}) for k, v in self.splits.items()},
+        )
+
+    @property
+    def classes(self) -> list[str]:
+        if self.index is None:
+            self.setup()
+        assert self.index is not None
+        return self.index.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def samples(self, split: str) -> list[Sample]:
+        if self.index is None:
+            self.setup()
+        assert self.index is not None
+        if split == "all":
+            return list(self.index.samples)
+        return self.splits[split]
+
+    def items(self, split: str, masks: dict[str, Path] | None = None) -> list[Item]:
+        """Items of a split; ``masks`` overrides mask paths (and keeps only the samples it names)."""
+        assert self.index is not None or self.setup() is None
+        assert self.index is not None
+        out = []
+        for s in self.samples(split):
+            if masks is not None:
+                if s.id not in masks:
+                    continue
+                mask: Path | None = masks[s.id]
+            else:
+                mask = self.index.path(s.mask) if s.mask else None
+            out.append(Item(s.id, self.index.path(s.image), mask, s.labels, s.group, self._neighbours.get(s.id, ())))
+        return out
+
+    def dataset(self, split: str, train: bool, masks: dict[str, Path] | None = None, full_res: bool = False) -> SampleDataset:
+        tf = build_transforms(self.image_size, self.train_augmentations if train else None)
+        return SampleDataset(self.items(split, masks), tf, self.in_channels, self.mean, self.std, self.context_slices, full_res)
+
+    def _loader(self, ds: SampleDataset, shuffle: bool, batch_size: int) -> DataLoader:
+        if len(ds) == 0:
+            raise DatasetError(f"{self.root}: a split is empty; add patients or change data.val_fraction/test_fraction")
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+            collate_fn=collate,
+        )
+
+    # -- loaders ---------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train", True, self.train_masks), True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val", False), False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test", False, full_res=self.full_res_eval), False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset(self.predict_split, False), False, self.eval_batch_size)
+
+    def label_frequencies(self) -> torch.Tensor:
+        """Positive fraction per class in the training split, (K,)."""
+        labels = np.array([s.labels for s in self.samples("train")], dtype=np.float64)
+        return torch.tensor(labels.mean(axis=0), dtype=torch.float32)

@@ -1,0 +1,78 @@
+"""Run the selected stages of one experiment in pipeline order."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from camseg.constants import STAGES
+from camseg.errors import ConfigError
+from camseg.rundir import RunDir
+
+log = logging.getLogger("camseg")
+
+
+def check_stages(stages: Any) -> list[str]:
+    if isinstance(stages, str):
+        stages = [stages]
+    stages = [str(s) for s in (stages or [])]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages={stages}: unknown stage(s) {unknown}; choose from {list(STAGES)}, e.g. stages=[cls,pseudo]")
+    if not stages:
+        raise ConfigError(f"stages=[]: nothing to run; choose from {list(STAGES)}")
+    return [s for s in STAGES if s in stages]
+
+
+def run_pipeline(cfg: DictConfig) -> float | None:
+    """Run ``cfg.stages``; return ``cfg.optimized_metric`` (for sweepers) when set."""
+    stages = check_stages(cfg.get("stages"))
+    if not cfg.get("run_name"):
+        raise ConfigError("run_name is empty; give each experiment a name (run_name=my_experiment)")
+    run = RunDir(Path(cfg.paths.runs_dir) / str(cfg.run_name))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.trainer.get("deterministic"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for stage in stages:
+        t0 = time.time()
+        log.info("=== stage %s: %s ===", stage, run.stage(stage))
+        if stage == "cls":
+            from camseg.cls.stage import run_cls
+
+            results["cls"] = run_cls(cfg, run)
+        elif stage == "pseudo":
+            from camseg.pseudo.stage import run_pseudo
+
+            results["pseudo"] = run_pseudo(cfg, run)
+        else:
+            from camseg.seg.stage import run_seg
+
+            results["seg"] = run_seg(cfg, run)
+        timings[stage] = time.time() - t0
+        log.info("=== stage %s done in %.1f s ===", stage, timings[stage])
+    from camseg.report import write_report
+
+    report = write_report(cfg, run, timings)
+    if report is not None:
+        log.info("report: %s", report)
+        print(f"camseg: report written to {report}")
+    return _optimized(cfg, results)
+
+
+def _optimized(cfg: DictConfig, results: dict[str, Any]) -> float | None:
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    for stage_result in results.values():
+        for section in (stage_result, stage_result.get("val", {}), stage_result.get("test", {}), stage_result.get("quality", {})):
+            if isinstance(section, dict) and name in section:
+                return float(section[name])
+    raise ConfigError(f"optimized_metric='{name}' was not produced by stages {list(results)}")

@@ -1,0 +1,1 @@
+"""Stage 2: CAMs on the training set -> pseudo-masks, manifest, overlays and quality."""

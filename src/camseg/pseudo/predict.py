@@ -1,0 +1,234 @@
+"""CAM generation through ``Trainer.predict`` and the writer that streams results to disk.
+
+The LightningModule computes batched CAMs (TTA included) on the device and resizes them
+to each image's original size; the writer callback hands every sample to a thread pool
+that writes its mask, CAMs, overlay and manifest row, so disk I/O overlaps the next
+batches and memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from camseg.cam import PseudoMaskPolicy
+from camseg.cam.base import CamMethod
+from camseg.constants import IGNORE_INDEX
+from camseg.utils.io import read_image, read_mask, save_npz_atomic, save_png_atomic, write_json_atomic
+from camseg.utils.overlay import pseudo_overlay
+
+log = logging.getLogger(__name__)
+
+
+class CamPredictModule(L.LightningModule):
+    """Wraps a CAM engine for ``Trainer.predict``.
+
+    ``predict_step`` returns ``ids``, ``labels`` (B,K), ``cams`` (B,K,H0,W0) float16 on
+    the CPU at each image's original size, and ``masks`` (B,H0,W0) uint8 when the policy
+    needs no image (no CRF), else None.
+    """
+
+    def __init__(self, model: torch.nn.Module, engine: CamMethod, policy: PseudoMaskPolicy, channels_last: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.engine = engine
+        self.policy = policy
+        self.channels_last = channels_last
+
+    def on_predict_start(self) -> None:
+        self.model.eval()
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        images, labels = batch["image"], batch["labels"]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # Gradient methods need autograd even inside Lightning's inference mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            cams = self.engine(images.clone(), labels.clone())
+        cams = cams.float()
+        sizes = batch["orig_size"]
+        out_cams: list[torch.Tensor]
+        if bool((sizes == sizes[0]).all()):
+            h0, w0 = (int(v) for v in sizes[0])
+            if (h0, w0) != tuple(cams.shape[-2:]):
+                cams = F.interpolate(cams, size=(h0, w0), mode="bilinear", align_corners=False).clamp_(0, 1)
+            masks = self.policy(cams, labels) if self.policy.crf is None else None
+            out_cams = list(cams.half().cpu())
+            out_masks = list(masks.cpu()) if masks is not None else [None] * len(out_cams)
+        else:
+            out_cams, out_masks = [], []
+            for c, lab, (h, w) in zip(cams, labels, sizes.tolist(), strict=True):
+                c = F.interpolate(c[None], size=(h, w), mode="bilinear", align_corners=False).clamp_(0, 1)
+                m = self.policy(c, lab[None])[0] if self.policy.crf is None else None
+                out_cams.append(c[0].half().cpu())
+                out_masks.append(m.cpu() if m is not None else None)
+        return {"ids": list(batch["id"]), "labels": labels.cpu(), "cams": out_cams, "masks": out_masks}
+
+
+@dataclass
+class SampleInfo:
+    """What the writer needs about a sample besides the CAMs: paths and identity."""
+
+    id: str
+    image: str  # relative to the dataset root
+    image_path: Path
+    gt_path: Path | None
+    group: str
+
+
+def sample_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> list[list[int]]:
+    """[[tp, fp, fn] per class 1..K] of a class-index prediction vs ground truth; 255 in pred counts as not-fg."""
+    valid = gt != IGNORE_INDEX
+    out = []
+    for k in range(1, num_classes + 1):
+        p = (pred == k) & valid
+        g = (gt == k) & valid
+        tp = int(np.count_nonzero(p & g))
+        out.append([tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(g)) - tp])
+    return out
+
+
+def sweep_counts(cams: np.ndarray, labels: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]) -> list[list[list[int]]]:
+    """Counts per threshold of the CAM-only segmentation ``argmax over present classes where >= t``."""
+    k = cams.shape[0]
+    present = labels.astype(bool)
+    if not present.any():
+        pred_base = np.zeros(gt.shape, np.uint8)
+        return [sample_counts(pred_base, gt, k) for _ in thresholds]
+    masked = np.where(present[:, None, None], cams, -1.0)
+    best = masked.argmax(axis=0)
+    score = masked.max(axis=0)
+    out = []
+    for t in thresholds:
+        pred = np.where(score >= t, best + 1, 0).astype(np.uint8)
+        out.append(sample_counts(pred, gt, k))
+    return out
+
+
+class PseudoLabelWriter(BasePredictionWriter):
+    """Writes each sample's artifacts, then its manifest row (the row marks it finished).
+
+    Files: ``masks/<id>.png``, ``cams/<id>.npz`` (optional), ``overlays/<id>.png`` (the
+    chosen samples), ``rows/<id>.json``. Each file is written atomically; a sample whose
+    row exists is complete, so a killed run resumes by skipping those ids.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        samples: dict[str, SampleInfo],
+        policy: PseudoMaskPolicy,
+        num_classes: int,
+        save_cams: bool,
+        overlay_ids: set[str],
+        sweep_thresholds: Sequence[float],
+        workers: int = 4,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.out = out_dir
+        self.samples = samples
+        self.policy = policy
+        self.num_classes = num_classes
+        self.save_cams = save_cams
+        self.overlay_ids = overlay_ids
+        self.thresholds = list(sweep_thresholds)
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self.written = 0
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sub in ("masks", "rows", "overlays") + (("cams",) if self.save_cams else ()):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="camseg-writer")
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        assert self._pool is not None
+        labels = prediction["labels"].numpy().astype(np.uint8)
+        for i, sid in enumerate(prediction["ids"]):
+            mask = prediction["masks"][i]
+            self._pending.append(
+                self._pool.submit(
+                    self._write_one,
+                    sid,
+                    prediction["cams"][i].numpy(),
+                    None if mask is None else mask.numpy(),
+                    labels[i],
+                )
+            )
+        # Bound the queue so memory stays flat: wait for the oldest writes to finish.
+        while len(self._pending) > 32 * self.workers:
+            self._pending.pop(0).result()
+            self.written += 1
+
+    def _write_one(self, sid: str, cams: np.ndarray, mask: np.ndarray | None, labels: np.ndarray) -> None:
+        info = self.samples[sid]
+        image = None
+        if mask is None or sid in self.overlay_ids:
+            image = read_image(info.image_path)
+        if mask is None:
+            img_t = torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(2, 0, 1)[None]
+            mask = self.policy(torch.from_numpy(cams.astype(np.float32))[None], torch.from_numpy(labels)[None], img_t)[0].numpy()
+        mask = mask.astype(np.uint8)
+        save_png_atomic(self.out / "masks" / f"{sid}.png", mask)
+        if self.save_cams:
+            save_npz_atomic(self.out / "cams" / f"{sid}.npz", cams=cams.astype(np.float16))
+        row: dict[str, Any] = {
+            "id": sid,
+            "image": info.image,
+            "mask": f"masks/{sid}.png",
+            "group": info.group,
+            "labels": labels.astype(int).tolist(),
+            "fg_fraction": float(np.count_nonzero((mask > 0) & (mask != IGNORE_INDEX)) / mask.size),
+            "ignore_fraction": float(np.count_nonzero(mask == IGNORE_INDEX) / mask.size),
+        }
+        gt = None
+        if info.gt_path is not None:
+            gt = read_mask(info.gt_path)
+            if gt.shape != mask.shape:
+                raise ValueError(f"{info.gt_path}: mask size {gt.shape} differs from its image {mask.shape}")
+            row["quality"] = {
+                "counts": sample_counts(mask, gt, self.num_classes),
+                "sweep": sweep_counts(cams.astype(np.float32), labels, gt, self.thresholds),
+            }
+        if sid in self.overlay_ids:
+            assert image is not None
+            cam_map = (cams.astype(np.float32) * labels[:, None, None]).max(axis=0) if labels.any() else np.zeros(mask.shape, np.float32)
+            save_png_atomic(self.out / "overlays" / f"{sid}.png", pseudo_overlay(image, cam_map, mask, gt))
+        write_json_atomic(self.out / "rows" / f"{sid}.json", row)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        for f in self._pending:
+            f.result()  # re-raises a writer thread's error here
+            self.written += 1
+        self._pending.clear()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -1,0 +1,96 @@
+"""Pseudo-mask quality against ground truth, from the per-sample counts in manifest rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from camseg.utils.io import write_bytes_atomic, write_json_atomic
+
+
+def _dice_iou(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """c (...,3) of tp, fp, fn -> Dice, IoU (1.0 where prediction and truth are both empty)."""
+    tp, fp, fn = c[..., 0].astype(float), c[..., 1].astype(float), c[..., 2].astype(float)
+    d_den, i_den = 2 * tp + fp + fn, tp + fp + fn
+    dice = np.where(d_den > 0, 2 * tp / np.maximum(d_den, 1), 1.0)
+    iou = np.where(i_den > 0, tp / np.maximum(i_den, 1), 1.0)
+    return dice, iou
+
+
+def compute_quality(rows: Sequence[dict[str, Any]], classes: list[str], thresholds: Sequence[float], fg_threshold: float) -> dict[str, Any] | None:
+    """Dataset-level Dice/IoU of the pseudo-masks (ignore counted as not foreground) and the threshold sweep.
+
+    Counts are summed over all samples with ground truth, then Dice per class, then the
+    macro mean over classes. Returns None when no sample has ground truth.
+    """
+    rows = [r for r in rows if "quality" in r]
+    if not rows:
+        return None
+    counts = np.array([r["quality"]["counts"] for r in rows], dtype=np.int64).sum(axis=0)  # (K,3)
+    sweep = np.array([r["quality"]["sweep"] for r in rows], dtype=np.int64).sum(axis=0)  # (T,K,3)
+    dice, iou = _dice_iou(counts)
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), np.nan)
+    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), np.nan)
+    s_dice, s_iou = _dice_iou(sweep)
+    macro = s_dice.mean(axis=1)
+    best = int(np.argmax(macro))
+    ignore = float(np.mean([r.get("ignore_fraction", 0.0) for r in rows]))
+    return {
+        "samples_with_gt": len(rows),
+        "classes": classes,
+        "fg_threshold": fg_threshold,
+        "dice": float(dice.mean()),
+        "iou": float(iou.mean()),
+        "precision": float(np.nanmean(precision)) if np.isfinite(precision).any() else None,
+        "recall": float(np.nanmean(recall)) if np.isfinite(recall).any() else None,
+        "ignore_fraction": ignore,
+        "per_class": {
+            c: {"dice": float(dice[k]), "iou": float(iou[k]), "tp": int(tp[k]), "fp": int(fp[k]), "fn": int(fn[k])}
+            for k, c in enumerate(classes)
+        },
+        "sweep": {
+            "thresholds": [float(t) for t in thresholds],
+            "dice": [float(v) for v in macro],
+            "iou": [float(v) for v in s_iou.mean(axis=1)],
+            "dice_per_class": {c: [float(v) for v in s_dice[:, k]] for k, c in enumerate(classes)},
+            "best_threshold": float(thresholds[best]),
+            "best_dice": float(macro[best]),
+            "note": "CAM >= threshold -> foreground (argmax over present classes), everything else background",
+        },
+    }
+
+
+def plot_sweep(quality: dict[str, Any], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sw = quality["sweep"]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    ax.plot(sw["thresholds"], sw["dice"], marker="o", label="Dice (macro)")
+    ax.plot(sw["thresholds"], sw["iou"], marker="s", label="IoU (macro)")
+    ax.axvline(quality["fg_threshold"], color="grey", ls="--", lw=1, label=f"fg_threshold={quality['fg_threshold']}")
+    ax.axvline(sw["best_threshold"], color="green", ls=":", lw=1, label=f"best={sw['best_threshold']}")
+    ax.set_xlabel("CAM threshold")
+    ax.set_ylabel("score vs ground truth")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Pseudo-mask threshold sweep")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def write_quality(quality: dict[str, Any], out_dir: Path) -> None:
+    write_json_atomic(out_dir / "quality.json", quality)
+    plot_sweep(quality, out_dir / "threshold_sweep.png")

@@ -1,0 +1,233 @@
+"""Stage 2 runner: load the stage-1 checkpoint, write pseudo-masks through ``Trainer.predict``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from camseg import __version__
+from camseg.cam import PseudoMaskPolicy, build_cam_method
+from camseg.cam.layers import default_target_layer
+from camseg.cls.checkpoint import check_compatible, load_classifier
+from camseg.cls.stage import build_datamodule
+from camseg.constants import MANIFEST_SCHEMA_VERSION
+from camseg.errors import CamsegError, ConfigError
+from camseg.pseudo.predict import CamPredictModule, PseudoLabelWriter, SampleInfo
+from camseg.pseudo.quality import compute_quality, write_quality
+from camseg.rundir import RunDir
+from camseg.training import build_trainer
+from camseg.utils.io import read_json, sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+GRADIENT_METHODS = ("gradcam", "gradcam++", "layercam")
+
+
+def build_engine(cfg: DictConfig, model: Any, multilabel: bool) -> tuple[Any, dict[str, Any]]:
+    """The CAM engine (method + TTA) from ``cfg.cam``, and its description for the manifest."""
+    c = cfg.cam
+    method = str(c.method)
+    kwargs: dict[str, Any] = {}
+    target_layer = c.get("target_layer")
+    uses_layer = method in GRADIENT_METHODS or method == "scorecam"
+    if method == "ensemble":
+        members = list(c.get("methods") or [])
+        if not members:
+            raise ConfigError("cam.method=ensemble needs cam.methods, e.g. cam.methods=[cam,layercam]")
+        uses_layer = any(str(m) in GRADIENT_METHODS + ("scorecam",) for m in members)
+        kwargs.update(methods=members, fusion=str(c.get("fusion", "mean")), weights=c.get("weights"))
+    if uses_layer:
+        target_layer = target_layer or default_target_layer(model)
+        kwargs["target_layer"] = target_layer
+    if method == "scorecam" or (method == "ensemble" and "scorecam" in kwargs.get("methods", [])):
+        kwargs["batch_size"] = int(c.get("scorecam_batch_size", 32))
+    if method in ("scorecam", "ensemble"):
+        kwargs["multilabel"] = multilabel
+    scales = [float(s) for s in c.scales]
+    engine = build_cam_method(method, model, scales=scales, flip=bool(c.flip), **kwargs)
+    desc = {
+        "method": method,
+        "target_layer": target_layer if uses_layer else "features (classifier weights, no hooks)",
+        "members": list(kwargs.get("methods", [])),
+        "fusion": kwargs.get("fusion"),
+        "scales": scales,
+        "flip": bool(c.flip),
+        "image_size": int(cfg.data.image_size),
+    }
+    return engine, desc
+
+
+def build_policy(cfg: DictConfig, multilabel: bool) -> PseudoMaskPolicy:
+    p = cfg.pseudo
+    crf = OmegaConf.to_container(p.crf, resolve=True) if p.get("crf") else None
+    return PseudoMaskPolicy(
+        fg_threshold=float(p.fg_threshold),
+        bg_threshold=float(p.bg_threshold),
+        multilabel=multilabel,
+        min_component_size=int(p.get("min_component_size", 0)),
+        crf=crf,
+    )
+
+
+def _provenance(cfg: DictConfig, run: RunDir, dm: Any, cam_desc: dict[str, Any], policy: PseudoMaskPolicy) -> dict[str, Any]:
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "camseg_version": __version__,
+        "run_name": run.name,
+        "classifier": {"checkpoint": str(run.cls_best), "sha256": sha256_file(run.cls_best), "classes": dm.classes},
+        "cam": cam_desc,
+        "policy": {
+            "fg_threshold": policy.fg_threshold,
+            "bg_threshold": policy.bg_threshold,
+            "min_component_size": policy.min_component_size,
+            "crf": None if policy.crf is None else dict(vars(policy.crf)),
+            "ignore_index": 255,
+        },
+        "dataset": {
+            "root": str(Path(dm.root).resolve()),
+            "labels_sha256": sha256_file(Path(dm.root) / "labels.csv"),
+            "classes": dm.classes,
+            "split": dm.predict_split,
+            "split_seed": dm.split_seed,
+            "val_fraction": dm.val_fraction,
+            "test_fraction": dm.test_fraction,
+            "image_size": dm.image_size,
+            "in_channels": dm.in_channels,
+            "context_slices": dm.context_slices,
+        },
+    }
+
+
+def choose_overlays(ids_labels: list[tuple[str, tuple[int, ...]]], n: int) -> set[str]:
+    """About 3/4 positives and 1/4 negatives, evenly spread over the sorted ids."""
+    if n <= 0:
+        return set()
+    pos = sorted(i for i, lab in ids_labels if any(lab))
+    neg = sorted(i for i, lab in ids_labels if not any(lab))
+    n_pos = min(len(pos), max(n - min(len(neg), n // 4), 0))
+    n_neg = min(len(neg), n - n_pos)
+
+    def spread(xs: list[str], k: int) -> list[str]:
+        if k <= 0:
+            return []
+        idx = np.linspace(0, len(xs) - 1, k).round().astype(int)
+        return [xs[i] for i in sorted(set(idx.tolist()))]
+
+    return set(spread(pos, n_pos)) | set(spread(neg, n_neg))
+
+
+def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Write ``run/pseudo``: masks, CAMs, overlays, manifest.json and quality.json."""
+    run.require(run.cls_best, "cls")
+    out = run.pseudo
+    dm = build_datamodule(cfg)
+    dm.setup("predict")
+    check_compatible(run.cls_best, dm.classes)
+    model, hp = load_classifier(run.cls_best)
+    multilabel = bool(hp.get("multilabel", True))
+    if int(hp["net_config"].get("in_channels", dm.in_channels)) != dm.in_channels:
+        raise CamsegError(
+            f"{run.cls_best}: classifier takes {hp['net_config']['in_channels']} channels but data.in_channels={dm.in_channels}"
+        )
+    policy = build_policy(cfg, multilabel)
+    engine, cam_desc = build_engine(cfg, model, multilabel)
+    provenance = _provenance(cfg, run, dm, cam_desc, policy)
+
+    prov_path = out / "provenance.json"
+    force = bool(cfg.get("force", False))
+    if out.exists() and force:
+        log.info("stage pseudo: force=true, removing %s", out)
+        shutil.rmtree(out)
+    if prov_path.is_file():
+        old = read_json(prov_path)
+        if old != provenance:
+            changed = sorted(k for k in provenance if old.get(k) != provenance[k])
+            raise CamsegError(
+                f"{out}: existing pseudo-labels were made with other settings ({', '.join(changed)} differ); "
+                "run with force=true to rebuild them, or use another run_name"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(prov_path, provenance)
+
+    all_samples = dm.samples(dm.predict_split)
+    done = {p.stem for p in (out / "rows").glob("*.json")} if (out / "rows").is_dir() else set()
+    todo = [s for s in all_samples if s.id not in done]
+    log.info("stage pseudo: %d samples, %d already done, %d to go", len(all_samples), len(all_samples) - len(todo), len(todo))
+    if todo:
+        assert dm.index is not None
+        infos = {
+            s.id: SampleInfo(s.id, s.image, dm.index.path(s.image), dm.index.path(s.mask) if s.mask else None, s.group)
+            for s in all_samples
+        }
+        overlay_ids = choose_overlays([(s.id, s.labels) for s in all_samples], int(cfg.pseudo.get("overlays", 0)))
+        writer = PseudoLabelWriter(
+            out,
+            infos,
+            policy,
+            dm.num_classes,
+            bool(cfg.pseudo.get("save_cams", True)),
+            overlay_ids,
+            list(cfg.pseudo.sweep_thresholds),
+        )
+        todo_ids = {s.id for s in todo}
+        dataset = dm.dataset(dm.predict_split, train=False)
+        dataset.items = [it for it in dataset.items if it.id in todo_ids]
+        loader = dm._loader(dataset, shuffle=False, batch_size=int(cfg.pseudo.get("batch_size", dm.eval_batch_size)))
+        module = CamPredictModule(model, engine, policy, channels_last=bool(cfg.model.get("channels_last", False)))
+        trainer = build_trainer(
+            cfg,
+            out,
+            callbacks=False,
+            loggers=False,
+            inference_mode=cfg.cam.method not in GRADIENT_METHODS + ("ensemble",),
+            max_epochs=None,
+        )
+        trainer.callbacks.append(writer)
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        trainer.strategy.barrier()
+        if not trainer.is_global_zero:
+            return {}
+    return finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
+
+
+def finalize(cfg: DictConfig, run: RunDir, provenance: dict[str, Any], ids: list[str], classes: list[str]) -> dict[str, Any]:
+    """Merge the per-sample rows into manifest.json (sorted by id) and write quality.json."""
+    out = run.pseudo
+    rows = []
+    missing = []
+    for sid in sorted(ids):
+        p = out / "rows" / f"{sid}.json"
+        if not p.is_file():
+            missing.append(sid)
+            continue
+        rows.append(json.loads(p.read_text(encoding="utf-8")))
+    if missing:
+        raise CamsegError(f"{out}: {len(missing)} samples have no pseudo-label (e.g. {missing[0]}); run stage pseudo again to finish")
+    manifest = dict(provenance)
+    manifest["samples"] = [{k: v for k, v in r.items() if k != "quality"} for r in rows]
+    quality = compute_quality(rows, classes, list(cfg.pseudo.sweep_thresholds), float(cfg.pseudo.fg_threshold))
+    if quality is not None:
+        write_quality(quality, out)
+    # Written last: a manifest on disk means the stage is complete.
+    manifest_sorted = {k: manifest[k] for k in [*provenance.keys(), "samples"]}
+    write_json_atomic(run.manifest, manifest_sorted)
+    fg = float(np.mean([r["fg_fraction"] for r in rows])) if rows else 0.0
+    result: dict[str, Any] = {"stage": "pseudo", "samples": len(rows), "mean_fg_fraction": fg}
+    if quality is not None:
+        result["quality"] = {
+            "pseudo/dice": quality["dice"],
+            "pseudo/iou": quality["iou"],
+            "pseudo/best_threshold": quality["sweep"]["best_threshold"],
+            "pseudo/best_dice": quality["sweep"]["best_dice"],
+        }
+        log.info(
+            "stage pseudo: Dice %.3f at fg_threshold=%.2f; best sweep Dice %.3f at %.2f",
+            quality["dice"], quality["fg_threshold"], quality["sweep"]["best_dice"], quality["sweep"]["best_threshold"],
+        )
+    return result

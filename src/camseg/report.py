@@ -1,0 +1,100 @@
+"""``report.md``: the experiment on one page (metrics tables, timings, figures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from camseg.rundir import RunDir
+from camseg.utils.io import read_json, write_text_atomic
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return read_json(path) if path.is_file() else None
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Path | None:
+    """Write ``run/report.md`` from the artifacts present; also keep ``timings.json`` up to date."""
+    if not run.root.is_dir():
+        return None
+    tpath = run.root / "timings.json"
+    all_timings = _load(tpath) or {}
+    all_timings.update({k: round(v, 1) for k, v in timings.items()})
+    from camseg.utils.io import write_json_atomic
+
+    write_json_atomic(tpath, all_timings)
+    cls_m = _load(run.cls / "metrics.json")
+    quality = _load(run.pseudo / "quality.json")
+    manifest = _load(run.manifest)
+    seg_m = _load(run.seg / "metrics.json")
+    lines = [f"# camseg report: `{run.name}`", ""]
+    lines += ["| stage | status | wall time (s) |", "|---|---|---|"]
+    for stage, done in (("cls", cls_m), ("pseudo", manifest), ("seg", seg_m)):
+        lines.append(f"| {stage} | {'done' if done else 'not run'} | {_fmt(all_timings.get(stage))} |")
+    lines.append("")
+    if cls_m:
+        lines += ["## Stage 1: classifier", "", f"Best checkpoint by `{cls_m['monitor']}` after {cls_m['epochs']} epochs; patients per split: {cls_m['patients']}.", ""]
+        lines += ["| metric | val | test |", "|---|---|---|"]
+        for key in ("auroc", "ap", "f1", "acc", "loss"):
+            lines.append(f"| {key} | {_fmt(cls_m['val'].get(f'val/{key}'))} | {_fmt(cls_m['test'].get(f'test/{key}'))} |")
+        lines.append("")
+    if manifest:
+        cam = manifest["cam"]
+        pol = manifest["policy"]
+        lines += [
+            "## Stage 2: pseudo-masks",
+            "",
+            f"{len(manifest['samples'])} samples ({manifest['dataset']['split']} split); CAM `{cam['method']}` at `{cam['target_layer']}`, "
+            f"scales {cam['scales']}, flip {cam['flip']}; fg_threshold {pol['fg_threshold']}, bg_threshold {pol['bg_threshold']}, "
+            f"CRF {'on' if pol['crf'] else 'off'}. Classifier sha256 `{manifest['classifier']['sha256'][:16]}…`.",
+            "",
+        ]
+        if quality:
+            sw = quality["sweep"]
+            lines += [
+                "| pseudo-masks vs ground truth | Dice | IoU |",
+                "|---|---|---|",
+                f"| at fg_threshold={quality['fg_threshold']} (ignore = not foreground) | {_fmt(quality['dice'])} | {_fmt(quality['iou'])} |",
+                f"| best sweep threshold {sw['best_threshold']} | {_fmt(sw['best_dice'])} | – |",
+                "",
+                f"Mean ignore fraction {_fmt(quality['ignore_fraction'])}; {quality['samples_with_gt']} samples with ground truth.",
+                "",
+                "![threshold sweep](pseudo/threshold_sweep.png)",
+                "",
+            ]
+    if seg_m:
+        test = seg_m.get("test", {})
+        lines += ["## Stage 3: segmenter", "", f"`{seg_m.get('arch')}` / `{seg_m.get('encoder')}`, monitor `{seg_m.get('monitor')}`, {seg_m.get('epochs')} epochs.", ""]
+        lines += ["| test patients vs ground truth | Dice | IoU | sensitivity | precision |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| segmenter | {_fmt(test.get('test/dice'))} | {_fmt(test.get('test/iou'))} | {_fmt(test.get('test/sensitivity'))} | {_fmt(test.get('test/precision'))} |"
+        )
+        if "test/dice_patient_mean" in test:
+            lines.append("")
+            lines.append(f"Per patient Dice: {_fmt(test['test/dice_patient_mean'])} ± {_fmt(test.get('test/dice_patient_std'))}.")
+        if quality:
+            lines += ["", "Pseudo-masks alone vs segmenter (Dice vs ground truth):", "", "| | Dice |", "|---|---|"]
+            lines.append(f"| pseudo-masks (training patients, fg_threshold) | {_fmt(quality['dice'])} |")
+            if "train_pseudo_vs_seg" in seg_m:
+                lines.append(f"| segmenter on the same training images | {_fmt(seg_m['train_pseudo_vs_seg'].get('dice'))} |")
+            lines.append(f"| segmenter (test patients) | {_fmt(test.get('test/dice'))} |")
+        if (run.seg / "figure_grid.png").is_file():
+            lines += ["", "Image / CAM / pseudo-mask / prediction / ground truth:", "", "![grid](seg/figure_grid.png)"]
+        lines.append("")
+    lines += ["## Config", "", "```yaml", OmegaConf.to_yaml(cfg, resolve=True).rstrip(), "```", ""]
+    write_text_atomic(run.report, "\n".join(lines))
+    return run.report
+
+
+__all__ = ["write_report", "json"]

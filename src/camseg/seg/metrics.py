@@ -1,0 +1,265 @@
+"""Segmentation metrics against ground-truth masks: Dice, IoU, sensitivity, precision.
+
+Conventions (shared with the losses): masks are ``(B,H,W)`` int64, 0 = background,
+``1..K`` = foreground classes, ``ignore_index`` (255) = not evaluated. Metrics are reported
+for the foreground classes only.
+
+Empty cases, decided once here:
+
+- Dice and IoU of an image (or patient) whose ground truth *and* prediction are both empty
+  for a class are ``empty_value`` (1.0 by default): correctly predicting "nothing here" on a
+  normal slice is a perfect result. Dataset-level scores sum the counts over all images
+  first, so they are not affected by this convention unless a class never occurs at all.
+- Sensitivity (tp / (tp + fn)) without ground-truth pixels and precision (tp / (tp + fp))
+  without predicted pixels are undefined: NaN, and left out of means (nanmean).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from camseg.constants import IGNORE_INDEX
+from camseg.errors import ConfigError
+
+
+def group_id(name: str) -> int:
+    """A deterministic int64 id for a patient / group name (the same in every process).
+
+    63 bits of BLAKE2b, so that ids are non-negative int64 and collisions between a few
+    thousand patients are practically impossible (crc32 would give 32 bits).
+    """
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def group_ids(names: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
+    """``group_id`` of each name, as a ``(B,)`` int64 tensor for ``SegMetrics.update``."""
+    return torch.tensor([group_id(n) for n in names], dtype=torch.int64, device=device)
+
+
+def confusion_counts(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Per-image, per-class pixel counts of true positives, false positives, false negatives.
+
+    Args:
+        pred: ``(B,H,W)`` int predicted labels. Values outside ``1..K`` (e.g. 255 in a
+            pseudo-mask) predict no foreground class.
+        target: ``(B,H,W)`` int labels in ``0..K`` or ``ignore_index``; ignored pixels are
+            not counted.
+        num_classes: K, the number of foreground classes.
+        ignore_index: target value that is not evaluated.
+
+    Returns:
+        ``(B,K,3)`` int64: ``[..., 0]`` tp, ``[..., 1]`` fp, ``[..., 2]`` fn of classes 1..K.
+
+    Raises:
+        ValueError: shapes differ, or target has a value outside ``0..K`` other than ignore.
+    """
+    if pred.shape != target.shape or target.ndim < 2:
+        raise ValueError(
+            f"confusion_counts: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
+            "must both be (B,H,W)"
+        )
+    k1 = num_classes + 1
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target > num_classes))
+    if bool(bad.any()):
+        raise ValueError(
+            f"confusion_counts: target has value {int(target[bad][0])}; expected 0..{num_classes} "
+            f"or {ignore_index} (ignore)"
+        )
+    b = target.shape[0]
+    pred = pred.long().reshape(b, -1)
+    pred = torch.where((pred >= 0) & (pred <= num_classes), pred, torch.zeros_like(pred))
+    target = target.long().reshape(b, -1)
+    valid = valid.reshape(b, -1)
+    # One bincount over (image, true, predicted) gives every image's full confusion matrix.
+    image = torch.arange(b, device=target.device).unsqueeze(1)
+    flat = (image * k1 + target) * k1 + pred
+    cm = torch.bincount(flat[valid], minlength=b * k1 * k1).reshape(b, k1, k1)
+    tp = cm.diagonal(dim1=1, dim2=2)
+    fp = cm.sum(dim=1) - tp  # predicted as c, truly something else
+    fn = cm.sum(dim=2) - tp  # truly c, predicted as something else
+    return torch.stack([tp, fp, fn], dim=-1)[:, 1:]
+
+
+class Scores(NamedTuple):
+    """Overlap scores, float64 tensors of the counts' shape."""
+
+    dice: torch.Tensor
+    iou: torch.Tensor
+    sensitivity: torch.Tensor
+    precision: torch.Tensor
+
+
+def dice_iou(
+    tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, empty_value: float = 1.0
+) -> Scores:
+    """Dice, IoU, sensitivity (recall) and precision from counts of any (equal) shape.
+
+    Dice and IoU are ``empty_value`` where ground truth and prediction are both empty;
+    sensitivity is NaN where ``tp + fn == 0``, precision NaN where ``tp + fp == 0``.
+    """
+    tp, fp, fn = (x.to(torch.float64) for x in (tp, fp, fn))
+
+    def ratio(num: torch.Tensor, den: torch.Tensor, empty: float) -> torch.Tensor:
+        return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, empty))
+
+    return Scores(
+        dice=ratio(2 * tp, 2 * tp + fp + fn, empty_value),
+        iou=ratio(tp, tp + fp + fn, empty_value),
+        sensitivity=ratio(tp, tp + fn, float("nan")),
+        precision=ratio(tp, tp + fp, float("nan")),
+    )
+
+
+class SegMetrics(Metric):
+    """Dataset-, class-, patient- and image-level segmentation metrics (DDP-safe).
+
+    ``update`` stores per-image counts and group ids (list states, concatenated across
+    processes); ``compute`` derives everything from them on whatever device they are on.
+
+    Keys returned by ``compute`` (each prefixed with ``prefix``), macro-averaged over the
+    K classes where a per-class variant ``<key>_<classname>`` exists:
+
+    - ``dice``, ``iou``, ``sensitivity``, ``precision``: counts summed over all images.
+    - ``dice_image_mean``: mean of per-image Dice.
+    - ``dice_patient_mean``, ``dice_patient_std``: counts summed per patient (group), Dice per
+      patient and class, then mean and population std over patients.
+    - ``detect_sensitivity``, ``detect_specificity``: image-level detection. An image is
+      positive for a class if its ground truth has a pixel of it, predicted positive if the
+      prediction has at least ``min_detect_pixels`` of it.
+    - ``num_images``, ``num_patients`` (no class variants).
+
+    Args:
+        num_classes: K, the number of foreground classes.
+        class_names: K names for the per-class keys (default ``class1``, ``class2``, ...).
+        prefix: prepended to every key, e.g. ``"val/"``.
+        ignore_index: target value that is not evaluated.
+        min_detect_pixels: predicted pixels needed to call an image positive.
+        empty_value: Dice / IoU where ground truth and prediction are both empty.
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``compute_on_cpu=True`` to keep the
+            per-image states off the GPU).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    image_counts: list[torch.Tensor]
+    image_groups: list[torch.Tensor]
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        prefix: str = "",
+        ignore_index: int = IGNORE_INDEX,
+        min_detect_pixels: int = 1,
+        empty_value: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_classes < 1:
+            raise ConfigError(f"SegMetrics: num_classes={num_classes}; need at least 1 class")
+        names = list(class_names) if class_names is not None else None
+        if names is None:
+            names = [f"class{k}" for k in range(1, num_classes + 1)]
+        if len(names) != num_classes or len(set(names)) != num_classes:
+            raise ConfigError(
+                f"SegMetrics: class_names {names} must be {num_classes} distinct names, "
+                "one per foreground class"
+            )
+        if min_detect_pixels < 1:
+            raise ConfigError(f"SegMetrics: min_detect_pixels={min_detect_pixels}; must be >= 1")
+        self.num_classes = num_classes
+        self.class_names = names
+        self.prefix = prefix
+        self.ignore_index = ignore_index
+        self.min_detect_pixels = min_detect_pixels
+        self.empty_value = empty_value
+        self.add_state("image_counts", default=[], dist_reduce_fx="cat")
+        self.add_state("image_groups", default=[], dist_reduce_fx="cat")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, group_ids: torch.Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            pred: ``(B,H,W)`` predicted labels, or ``(B,K+1,H,W)`` logits (argmax taken).
+            target: ``(B,H,W)`` ground-truth labels (``ignore_index`` not evaluated).
+            group_ids: ``(B,)`` int64 patient ids, e.g. from ``group_ids(names)``.
+        """
+        if pred.ndim == target.ndim + 1:
+            pred = pred.argmax(dim=1)
+        if group_ids.shape != (target.shape[0],):
+            raise ValueError(
+                f"SegMetrics.update: group_ids {tuple(group_ids.shape)} must be "
+                f"({target.shape[0]},), one id per image"
+            )
+        counts = confusion_counts(pred, target, self.num_classes, self.ignore_index)
+        self.image_counts.append(counts)
+        self.image_groups.append(group_ids.to(device=counts.device, dtype=torch.int64))
+
+    def _keys(self) -> list[str]:
+        base = ["dice", "iou", "sensitivity", "precision", "dice_image_mean"]
+        base += [
+            "dice_patient_mean",
+            "dice_patient_std",
+            "detect_sensitivity",
+            "detect_specificity",
+        ]
+        keys = [f"{self.prefix}{k}" for k in ("num_images", "num_patients", *base)]
+        keys += [f"{self.prefix}{k}_{c}" for k in base for c in self.class_names]
+        return keys
+
+    def compute(self) -> dict[str, float]:
+        """All metrics as Python floats; NaN everywhere (counts 0) if nothing was added."""
+        if not self.image_counts:
+            out = dict.fromkeys(self._keys(), float("nan"))
+            out[f"{self.prefix}num_images"] = 0.0
+            out[f"{self.prefix}num_patients"] = 0.0
+            return out
+        counts = dim_zero_cat(self.image_counts).reshape(-1, self.num_classes, 3)
+        groups = dim_zero_cat(self.image_groups).reshape(-1)
+        tp, fp, fn = counts.unbind(-1)
+
+        per_class: dict[str, torch.Tensor] = {}  # name -> (K,)
+        dataset = dice_iou(tp.sum(0), fp.sum(0), fn.sum(0), self.empty_value)
+        per_class.update(dataset._asdict())
+        per_class["dice_image_mean"] = dice_iou(tp, fp, fn, self.empty_value).dice.mean(0)
+
+        _, patient = torch.unique(groups, return_inverse=True)
+        num_patients = int(patient.max()) + 1
+        patient_counts = torch.zeros(
+            num_patients, self.num_classes, 3, dtype=counts.dtype, device=counts.device
+        ).index_add_(0, patient, counts)
+        ptp, pfp, pfn = patient_counts.unbind(-1)
+        pdice = dice_iou(ptp, pfp, pfn, self.empty_value).dice  # (P,K)
+        per_class["dice_patient_mean"] = pdice.mean(0)
+        per_class["dice_patient_std"] = pdice.std(0, correction=0)
+
+        gt_pos = (tp + fn) > 0
+        pred_pos = (tp + fp) >= self.min_detect_pixels
+        per_class["detect_sensitivity"] = (gt_pos & pred_pos).sum(0) / gt_pos.sum(0)
+        per_class["detect_specificity"] = (~gt_pos & ~pred_pos).sum(0) / (~gt_pos).sum(0)
+
+        stacked = torch.stack([v.to(torch.float64) for v in per_class.values()])  # (M,K)
+        # One device-to-host copy: column 0 the macro mean, then one column per class.
+        table = torch.cat([stacked.nanmean(dim=1).unsqueeze(1), stacked], dim=1).cpu().tolist()
+        out = {
+            f"{self.prefix}num_images": float(counts.shape[0]),
+            f"{self.prefix}num_patients": float(num_patients),
+        }
+        for key, row in zip(per_class, table, strict=True):
+            out[f"{self.prefix}{key}"] = row[0]
+        for key, row in zip(per_class, table, strict=True):
+            for name, value in zip(self.class_names, row[1:], strict=True):
+                out[f"{self.prefix}{key}_{name}"] = value
+        return out

@@ -1,0 +1,172 @@
+"""LightningModule for stage 3: ignore-aware training on pseudo-masks, evaluation on ground truth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camseg.errors import ConfigError
+from camseg.seg.losses import build_loss
+from camseg.seg.metrics import SegMetrics, group_ids
+from camseg.utils.io import read_image, save_png_atomic
+from camseg.utils.overlay import GT_COLOUR, draw_contours, panel, to_rgb
+
+
+def build_segmentation_net(arch: str, encoder_name: str, encoder_weights: str | None, in_channels: int, num_classes: int) -> nn.Module:
+    """``smp.create_model`` with K+1 output channels (background first)."""
+    import segmentation_models_pytorch as smp
+
+    try:
+        return smp.create_model(
+            arch=arch, encoder_name=encoder_name, encoder_weights=encoder_weights, in_channels=in_channels, classes=num_classes + 1
+        )
+    except KeyError as e:
+        raise ConfigError(f"seg.arch='{arch}' / seg.encoder_name='{encoder_name}': unknown to segmentation-models-pytorch ({e})") from None
+    except Exception as e:
+        if encoder_weights and any(s in str(e).lower() for s in ("url", "connection", "resolve", "http", "network")):
+            raise ConfigError(
+                f"seg.encoder_weights={encoder_weights}: download failed ({type(e).__name__}); no internet? set seg.encoder_weights=null"
+            ) from None
+        raise
+
+
+class SegmenterModule(L.LightningModule):
+    """Trains ``net`` on (pseudo-)masks with 255 = ignore; validates/tests on ground truth.
+
+    Args:
+        net: an smp model with K+1 output channels.
+        class_names: the K foreground classes.
+        loss: ``build_loss`` keyword arguments (``name``, weights, ...).
+        optimizer, scheduler: Hydra partials.
+        net_config: what built ``net`` (stored for ``camseg-predict``).
+        predictions_dir: where test predictions and overlays are written (None: not written).
+        overlays: how many test images get an overlay.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        class_names: Sequence[str],
+        loss: dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        net_config: dict | None = None,
+        data_config: dict | None = None,
+        predictions_dir: str | None = None,
+        overlays: int = 16,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.class_names = list(class_names)
+        k = len(self.class_names)
+        self.loss_fn = build_loss(**{"name": "dice_ce", **dict(loss)}, num_classes=k)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_metrics = SegMetrics(k, self.class_names, prefix="val/")
+        self.test_metrics = SegMetrics(k, self.class_names, prefix="test/")
+        self.predictions_dir = Path(predictions_dir) if predictions_dir else None
+        self.overlays = overlays
+        self.channels_last = channels_last
+        self._overlays_written = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def on_fit_start(self) -> None:
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits, batch["mask"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], split: str, metrics: SegMetrics) -> torch.Tensor:
+        logits = self(batch["image"])
+        has = batch["has_mask"]
+        if isinstance(has, torch.Tensor) and bool(has.any()):
+            sel = has.bool()
+            target = batch["mask"][sel]
+            loss = self.loss_fn(logits[sel], target)
+            self.log(f"{split}/loss", loss, on_epoch=True, batch_size=int(sel.sum()), sync_dist=True)
+            metrics.update(logits[sel].argmax(1), target, group_ids([g for g, s in zip(batch["group"], sel.tolist(), strict=True) if s], device=self.device))
+        return logits
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_metrics.update_count == 0:
+            return
+        values = self.val_metrics.compute()
+        for k, v in values.items():
+            self.log(k, float(v), prog_bar=k == "val/dice")
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Evaluate at each image's original size (logits resized, ground truth as stored)."""
+        logits = self(batch["image"])
+        has = batch["has_mask"].bool()
+        full = batch.get("mask_full")
+        preds = []
+        for i in range(len(logits)):
+            h, w = (int(v) for v in batch["orig_size"][i])
+            lg = logits[i : i + 1]
+            if lg.shape[-2:] != (h, w):
+                lg = F.interpolate(lg.float(), size=(h, w), mode="bilinear", align_corners=False)
+            pred = lg.argmax(1)[0]
+            preds.append(pred)
+            if bool(has[i]) and full is not None:
+                gt = full[i].to(pred.device)[None]
+                self.test_metrics.update(pred[None], gt, group_ids([batch["group"][i]], device=self.device))
+        if self.predictions_dir is not None:
+            self._write_predictions(batch, preds)
+
+    def _write_predictions(self, batch: dict[str, Any], preds: list[torch.Tensor]) -> None:
+        assert self.predictions_dir is not None
+        full = batch.get("mask_full")
+        for i, pred in enumerate(preds):
+            sid = batch["id"][i]
+            p = pred.to(torch.uint8).cpu().numpy()
+            save_png_atomic(self.predictions_dir / "predictions" / f"{sid}.png", p)
+            if self._overlays_written < self.overlays and "image_path" in batch:
+                image = to_rgb(read_image(batch["image_path"][i]))
+                right = draw_contours(image, p)
+                if full is not None and bool(batch["has_mask"][i]):
+                    right = draw_contours(right, full[i].cpu().numpy().astype(np.uint8), colour=GT_COLOUR)
+                save_png_atomic(self.predictions_dir / "overlays" / f"{sid}.png", panel(image, right))
+                self._overlays_written += 1
+
+    def on_test_epoch_end(self) -> None:
+        if self.test_metrics.update_count == 0:
+            return
+        values = self.test_metrics.compute()
+        self.log_dict({k: float(v) for k, v in values.items()})
+        self.test_metrics.reset()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"}}
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Softmax (B,K+1,H,W), optionally resized to ``size``."""
+        logits = self(images).float()
+        if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits.softmax(1)
+

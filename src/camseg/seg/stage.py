@@ -1,0 +1,240 @@
+"""Stage 3 runner: train the segmenter on the manifest's pseudo-masks, evaluate on ground truth."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from camseg.cls.stage import build_datamodule, resolve_ckpt_path
+from camseg.constants import IGNORE_INDEX
+from camseg.data.datamodule import CamSegDataModule, collate
+from camseg.errors import ManifestError
+from camseg.pseudo.manifest import Manifest, load_manifest
+from camseg.rundir import RunDir
+from camseg.seg.metrics import SegMetrics, group_ids
+from camseg.seg.module import SegmenterModule, build_segmentation_net
+from camseg.training import build_trainer, save_config
+from camseg.utils.io import read_image, read_json, read_mask, save_png_atomic, write_json_atomic
+from camseg.utils.overlay import GT_COLOUR, cam_overlay, draw_contours, panel, to_rgb
+
+log = logging.getLogger(__name__)
+
+
+def check_manifest_masks(manifest: Manifest, dm: CamSegDataModule, skip_unlabelled: bool) -> dict[str, Path]:
+    """Mask paths of the training samples, after checking sizes and that each mask labels something."""
+    assert dm.index is not None
+    by_id = dm.index.by_id()
+    train_ids = {s.id for s in dm.samples("train")}
+    masks: dict[str, Path] = {}
+    skipped = []
+    for row in manifest.samples:
+        sid = row["id"]
+        if sid not in by_id:
+            raise ManifestError(f"{manifest.path}: sample '{sid}' is not in dataset {dm.root}; the manifest is of another dataset")
+        if sid not in train_ids:
+            continue
+        mpath = manifest.root / row["mask"]
+        with Image.open(mpath) as m, Image.open(dm.index.path(by_id[sid].image)) as im:
+            if m.size != im.size:
+                raise ManifestError(
+                    f"{mpath}: pseudo-mask is {m.size[0]}x{m.size[1]} but image '{by_id[sid].image}' is {im.size[0]}x{im.size[1]}; "
+                    "re-run stage pseudo (force=true)"
+                )
+        if row.get("ignore_fraction", 0.0) >= 1.0:
+            if not skip_unlabelled:
+                raise ManifestError(
+                    f"{mpath}: mask of '{sid}' is all ignore (255) and teaches nothing; lower pseudo.bg_threshold, "
+                    "or set seg.skip_unlabelled=true to leave such samples out"
+                )
+            skipped.append(sid)
+            continue
+        masks[sid] = mpath
+    if skipped:
+        log.warning("stage seg: %d all-ignore pseudo-masks left out (e.g. %s)", len(skipped), skipped[0])
+    if not masks:
+        raise ManifestError(f"{manifest.path}: no training sample with a usable pseudo-mask")
+    return masks
+
+
+def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule:
+    s = cfg.seg
+    net_cfg = {
+        "arch": str(s.arch),
+        "encoder_name": str(s.encoder_name),
+        "encoder_weights": s.get("encoder_weights"),
+        "in_channels": dm.in_channels,
+        "num_classes": dm.num_classes,
+    }
+    data_cfg = {
+        "image_size": dm.image_size,
+        "in_channels": dm.in_channels,
+        "context_slices": dm.context_slices,
+        "mean": list(dm.mean),
+        "std": list(dm.std),
+    }
+    return SegmenterModule(
+        net=build_segmentation_net(**net_cfg),
+        class_names=dm.classes,
+        loss=OmegaConf.to_container(s.loss, resolve=True),  # type: ignore[arg-type]
+        optimizer=instantiate(s.optimizer),
+        scheduler=instantiate(s.scheduler) if s.get("scheduler") else None,
+        net_config=net_cfg,
+        data_config=data_cfg,
+        predictions_dir=str(out),
+        overlays=int(s.get("overlays", 16)),
+        channels_last=bool(s.get("channels_last", False)),
+    )
+
+
+def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Train stage 3 (``seg.rounds`` rounds) into ``run/seg``; returns ``metrics.json``'s content."""
+    out = run.seg
+    metrics_path = out / "metrics.json"
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run.seg_last) if "seg" in list(cfg.stages) and "cls" not in list(cfg.stages) else None
+    force = bool(cfg.get("force", False))
+    if metrics_path.is_file() and ckpt_path is None and not force:
+        log.info("stage seg: already complete (%s); force=true retrains", metrics_path)
+        return read_json(metrics_path)
+    run.require(run.manifest, "pseudo")
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    manifest = load_manifest(run.manifest, checkpoint=run.cls_best if run.cls_best.exists() else None, dataset_root=dm.root, classes=dm.classes)
+    masks = check_manifest_masks(manifest, dm, bool(cfg.seg.get("skip_unlabelled", False)))
+    val_has_gt = any(s.mask for s in dm.samples("val"))
+    monitor = str(cfg.seg.get("monitor", "auto"))
+    if monitor == "auto":
+        monitor, mode = ("val/dice", "max") if val_has_gt else ("train/loss_epoch", "min")
+    else:
+        mode = "min" if "loss" in monitor else "max"
+    log.info(
+        "stage seg: best checkpoint by %s (%s)", monitor,
+        "validation patients have ground-truth masks" if val_has_gt else "no ground truth in validation: loss on pseudo-masks",
+    )
+    rounds = int(cfg.seg.get("rounds", 1))
+    t0 = time.time()
+    history = []
+    for r in range(1, rounds + 1):
+        stage_dir = out if r == rounds else out / f"round{r}"
+        dm.train_masks = masks
+        dm.full_res_eval = True
+        module = _module(cfg, dm, stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, stage_dir / "config.yaml")
+        trainer = build_trainer(cfg, stage_dir, max_epochs=int(cfg.seg.max_epochs), monitor=monitor, mode=mode)
+        resume = ckpt_path if r == rounds else None
+        if resume is None and (stage_dir / "checkpoints" / "last.ckpt").is_file() and not (stage_dir / "metrics.json").is_file() and not force:
+            resume = str(stage_dir / "checkpoints" / "last.ckpt")
+            log.info("stage seg: resuming round %d from %s", r, resume)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        best = stage_dir / "checkpoints" / "best.ckpt"
+        if not best.is_file():
+            best = stage_dir / "checkpoints" / "last.ckpt"
+        val = trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False) if val_has_gt else [{}]
+        test = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+        if not trainer.is_global_zero:
+            return {}
+        train_cmp, relabel = evaluate_train(module, dm, manifest, stage_dir, cfg, relabel=r < rounds)
+        result = {
+            "stage": "seg",
+            "round": r,
+            "arch": str(cfg.seg.arch),
+            "encoder": str(cfg.seg.encoder_name),
+            "monitor": monitor,
+            "best_checkpoint": str(best),
+            "epochs": int(trainer.current_epoch),
+            "val": {k: float(v) for k, v in val[0].items()},
+            "test": {k: float(v) for k, v in test[0].items()},
+            "train_pseudo_vs_seg": train_cmp,
+        }
+        history.append(result)
+        if r < rounds:
+            write_json_atomic(stage_dir / "metrics.json", result)
+            masks = relabel
+            log.info("stage seg: round %d test Dice %.4f; relabelled %d training images", r, result["test"].get("test/dice", float("nan")), len(masks))
+    final = dict(history[-1])
+    final["fit_seconds"] = round(time.time() - t0, 1)
+    if rounds > 1:
+        final["rounds"] = [{"round": h["round"], "test/dice": h["test"].get("test/dice")} for h in history]
+    write_json_atomic(metrics_path, final)
+    log.info("stage seg: test Dice %.4f IoU %.4f -> %s", final["test"].get("test/dice", float("nan")), final["test"].get("test/iou", float("nan")), out)
+    return final
+
+
+@torch.no_grad()
+def evaluate_train(
+    module: SegmenterModule, dm: CamSegDataModule, manifest: Manifest, out: Path, cfg: DictConfig, relabel: bool
+) -> tuple[dict[str, float] | None, dict[str, Path]]:
+    """Segmenter vs ground truth on the pseudo-labelled training images (the "pseudo-masks alone vs
+    segmenter" comparison), the figure grid, and, for self-training, new confident masks."""
+    device = module.device
+    module.eval()
+    ids = set(manifest.mask_paths())
+    ds = dm.dataset("train", train=False, full_res=True)
+    ds.items = [it for it in ds.items if it.id in ids]
+    loader = DataLoader(ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=0, collate_fn=collate)
+    metric = SegMetrics(dm.num_classes, dm.classes, prefix="")
+    confidence = float(cfg.seg.get("self_training_confidence", 0.9))
+    new_masks: dict[str, Path] = {}
+    grid_rows = []
+    want_grid = 6
+    rows_by_id = {r["id"]: r for r in manifest.samples}
+    for batch in loader:
+        images = batch["image"].to(device)
+        for i in range(len(images)):
+            h, w = (int(v) for v in batch["orig_size"][i])
+            probs = module.probabilities(images[i : i + 1], size=(h, w))[0]
+            conf, pred = probs.max(0)
+            pred_np = pred.to(torch.uint8).cpu().numpy()
+            sid = batch["id"][i]
+            gt = batch["mask_full"][i] if bool(batch["has_mask"][i]) else None
+            if gt is not None:
+                metric.update(pred[None].cpu(), gt[None].long(), group_ids([batch["group"][i]]))
+            if relabel:
+                labels = batch["labels"][i].numpy().astype(bool)
+                new = pred_np.copy()
+                absent = np.isin(new, [k + 1 for k in range(len(labels)) if not labels[k]])
+                new[absent] = 0
+                new[(conf.cpu().numpy() < confidence) & (new != 0)] = IGNORE_INDEX
+                if not labels.any():
+                    new[:] = 0
+                path = out / "relabel" / "masks" / f"{sid}.png"
+                save_png_atomic(path, new)
+                new_masks[sid] = path
+            row = rows_by_id.get(sid)
+            if gt is not None and len(grid_rows) < want_grid and row and any(row["labels"]) and gt.any():
+                grid_rows.append(_grid_row(batch["image_path"][i], manifest, row, pred_np, gt.numpy().astype(np.uint8)))
+    if grid_rows:
+        save_png_atomic(out / "figure_grid.png", np.concatenate(grid_rows, axis=0))
+    if metric.update_count == 0:
+        return None, new_masks
+    values = metric.compute()
+    return {k: float(values[k]) for k in ("dice", "iou", "sensitivity", "precision")}, new_masks
+
+
+def _grid_row(image_path: str, manifest: Manifest, row: dict[str, Any], pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    image = to_rgb(read_image(image_path))
+    cam_path = manifest.root / "cams" / f"{row['id']}.npz"
+    if cam_path.is_file():
+        cams = np.load(cam_path)["cams"].astype(np.float32)
+        labels = np.asarray(row["labels"], dtype=np.float32)
+        cam = (cams * labels[:, None, None]).max(axis=0)
+    else:
+        cam = np.zeros(image.shape[:2], np.float32)
+    pseudo = read_mask(manifest.root / row["mask"])
+    row_img = panel(
+        image,
+        cam_overlay(image, cam),
+        draw_contours(image, pseudo),
+        draw_contours(image, pred),
+        draw_contours(image, gt, colour=GT_COLOUR),
+    )
+    return np.concatenate([row_img, np.zeros((4, row_img.shape[1], 3), np.uint8)], axis=0)

@@ -1,0 +1,90 @@
+"""Pictures for people: CAM heatmaps over the image, mask contours, panels side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+
+# Contour colours: class k uses PALETTE[(k-1) % len]; ignore regions are outlined in grey.
+PALETTE = np.array([[0, 255, 0], [255, 0, 255], [0, 200, 255], [255, 200, 0], [255, 80, 80]], dtype=np.uint8)
+GT_COLOUR = np.array([255, 255, 0], dtype=np.uint8)
+IGNORE_COLOUR = np.array([160, 160, 160], dtype=np.uint8)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 (H,W), (H,W,1), (H,W,3) or (H,W,C>3) -> (H,W,3) uint8 (extra channels: the middle one)."""
+    if image.ndim == 2:
+        image = image[..., None]
+    c = image.shape[2]
+    if c == 1:
+        return np.repeat(image, 3, axis=2)
+    if c == 3:
+        return image
+    return np.repeat(image[..., c // 2 : c // 2 + 1], 3, axis=2)
+
+
+def heatmap(cam: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """(H,W) in [0,1] -> (H,W,3) uint8 colour map."""
+    rgba = colormaps[colormap](np.clip(cam, 0.0, 1.0))
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
+def blend(image_rgb: np.ndarray, colour: np.ndarray, alpha: np.ndarray | float) -> np.ndarray:
+    a = np.asarray(alpha, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[..., None]
+    out = image_rgb.astype(np.float32) * (1 - a) + colour.astype(np.float32) * a
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def boundary(region: np.ndarray) -> np.ndarray:
+    """Pixels of a boolean region that touch a pixel outside it (4-neighbourhood)."""
+    r = region.astype(bool)
+    inner = r.copy()
+    inner[1:, :] &= r[:-1, :]
+    inner[:-1, :] &= r[1:, :]
+    inner[:, 1:] &= r[:, :-1]
+    inner[:, :-1] &= r[:, 1:]
+    return r & ~inner
+
+
+def draw_contours(rgb: np.ndarray, mask: np.ndarray, colour: np.ndarray | None = None, ignore_index: int = 255) -> np.ndarray:
+    """Outline every class of ``mask`` (and its ignore region) on a copy of ``rgb``."""
+    out = rgb.copy()
+    if (mask == ignore_index).any():
+        out[boundary(mask == ignore_index)] = IGNORE_COLOUR
+    for k in np.unique(mask):
+        if k in (0, ignore_index):
+            continue
+        out[boundary(mask == k)] = colour if colour is not None else PALETTE[(int(k) - 1) % len(PALETTE)]
+    return out
+
+
+def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The CAM heatmap over the image, weighted by the CAM so cold regions keep the anatomy visible."""
+    rgb = to_rgb(image)
+    return blend(rgb, heatmap(cam), alpha * (0.3 + 0.7 * np.clip(cam, 0, 1)))
+
+
+def panel(*images: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Images of equal height side by side with a black gap."""
+    h = max(im.shape[0] for im in images)
+    parts = []
+    for i, im in enumerate(images):
+        im = to_rgb(im)
+        if im.shape[0] != h:
+            pad = np.zeros((h - im.shape[0], im.shape[1], 3), np.uint8)
+            im = np.concatenate([im, pad], axis=0)
+        parts.append(im)
+        if i < len(images) - 1:
+            parts.append(np.zeros((h, gap, 3), np.uint8))
+    return np.concatenate(parts, axis=1)
+
+
+def pseudo_overlay(image: np.ndarray, cam: np.ndarray, mask: np.ndarray, gt: np.ndarray | None = None) -> np.ndarray:
+    """[image | CAM heatmap | pseudo-mask contours (+ ground truth in yellow)]."""
+    rgb = to_rgb(image)
+    right = draw_contours(rgb, mask)
+    if gt is not None:
+        right = draw_contours(right, gt, colour=GT_COLOUR)
+    return panel(rgb, cam_overlay(image, cam), right)
