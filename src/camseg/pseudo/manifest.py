@@ -88,11 +88,12 @@ def load_manifest(
                 f"{actual[:12]}…; re-run stage pseudo (force=true) on the current checkpoint"
             )
     if dataset_root is not None:
-        recorded_root = Path(data["dataset"]["root"]).resolve()
-        if recorded_root != Path(dataset_root).resolve():
+        labels = Path(dataset_root) / "labels.csv"
+        recorded = data["dataset"].get("labels_sha256")
+        if not labels.is_file() or sha256_file(labels) != recorded:
             raise ManifestError(
-                f"{path}: pseudo-labels are of dataset {recorded_root}, but data.root is {Path(dataset_root).resolve()}; "
-                "use the same data config or re-run stage pseudo"
+                f"{path}: pseudo-labels are of dataset {data['dataset']['root']} (labels.csv sha256 {str(recorded)[:12]}…), "
+                f"not of data.root={dataset_root}; use the same data config or re-run stage pseudo"
             )
     if classes is not None and m.classes != list(classes):
         raise ManifestError(f"{path}: classes {m.classes} differ from the dataset's {list(classes)}")

@@ -80,7 +80,8 @@ def _provenance(cfg: DictConfig, run: RunDir, dm: Any, cam_desc: dict[str, Any],
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "camseg_version": __version__,
         "run_name": run.name,
-        "classifier": {"checkpoint": str(run.cls_best), "sha256": sha256_file(run.cls_best), "classes": dm.classes},
+        # Relative to the run directory, so a moved run directory stays valid.
+        "classifier": {"checkpoint": str(run.cls_best.relative_to(run.root)), "sha256": sha256_file(run.cls_best), "classes": dm.classes},
         "cam": cam_desc,
         "policy": {
             "fg_threshold": policy.fg_threshold,
@@ -102,6 +103,13 @@ def _provenance(cfg: DictConfig, run: RunDir, dm: Any, cam_desc: dict[str, Any],
             "context_slices": dm.context_slices,
         },
     }
+
+
+def _fingerprint(provenance: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a resumed run to continue: everything but where the dataset lives."""
+    fp = json.loads(json.dumps(provenance))
+    fp.get("dataset", {}).pop("root", None)
+    return fp
 
 
 def choose_overlays(ids_labels: list[tuple[str, tuple[int, ...]]], n: int) -> set[str]:
@@ -146,8 +154,8 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         shutil.rmtree(out)
     if prov_path.is_file():
         old = read_json(prov_path)
-        if old != provenance:
-            changed = sorted(k for k in provenance if old.get(k) != provenance[k])
+        if _fingerprint(old) != _fingerprint(provenance):
+            changed = sorted(k for k in provenance if _fingerprint(old).get(k) != _fingerprint(provenance)[k])
             raise CamsegError(
                 f"{out}: existing pseudo-labels were made with other settings ({', '.join(changed)} differ); "
                 "run with force=true to rebuild them, or use another run_name"

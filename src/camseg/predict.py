@@ -1,0 +1,237 @@
+"""``camseg-predict``: a trained segmenter on new, unlabelled images.
+
+    camseg-predict ckpt=runs/synthetic/seg/checkpoints/best.ckpt input=DIR_OR_FILE output=DIR
+        [device=auto] [batch_size=16] [overlays=true] [windows=brain,subdural,bone]
+
+2D images (PNG, JPEG, TIFF) give ``output/masks/<name>.png`` (class indices) and
+``output/overlays/<name>.png``. NIfTI volumes (``.nii``, ``.nii.gz``) are segmented
+slice by slice along the axial axis (CT windows applied to Hounsfield units) and give
+``output/<name>_mask.nii.gz`` with the input's affine.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from camseg.data.datamodule import to_channels
+from camseg.errors import CamsegError
+from camseg.seg.module import build_segmentation_net
+from camseg.utils.io import read_image, save_png_atomic, write_bytes_atomic
+from camseg.utils.overlay import draw_contours, panel, to_rgb
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class Segmenter:
+    """A stage-3 network with the preprocessing it was trained with."""
+
+    net: torch.nn.Module
+    class_names: list[str]
+    image_size: int
+    in_channels: int
+    context_slices: int
+    mean: np.ndarray
+    std: np.ndarray
+    device: torch.device
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> Segmenter:
+        path = Path(path)
+        if not path.is_file():
+            raise CamsegError(f"ckpt={path}: file not found; give a stage-3 checkpoint such as runs/<run>/seg/checkpoints/best.ckpt")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+        if "net_config" not in hp or "data_config" not in hp or "arch" not in (hp.get("net_config") or {}):
+            raise CamsegError(f"ckpt={path}: not a camseg segmenter checkpoint (stage 3: runs/<run>/seg/checkpoints/*.ckpt)")
+        net_cfg = dict(hp["net_config"])
+        net_cfg["encoder_weights"] = None  # the checkpoint holds the weights
+        net = build_segmentation_net(**net_cfg)
+        net.load_state_dict({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        net.to(dev).eval()
+        d = hp["data_config"]
+        views = 2 * int(d.get("context_slices", 0)) + 1
+        base = int(d["in_channels"]) // views
+        mean = np.tile(np.broadcast_to(np.asarray(d["mean"], np.float32).reshape(-1), (base,)), views) * 255
+        std = np.tile(np.broadcast_to(np.asarray(d["std"], np.float32).reshape(-1), (base,)), views) * 255
+        return cls(net, list(hp["class_names"]), int(d["image_size"]), int(d["in_channels"]), int(d.get("context_slices", 0)), mean, std, dev)
+
+    @property
+    def base_channels(self) -> int:
+        return self.in_channels // (2 * self.context_slices + 1)
+
+    @torch.no_grad()
+    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """uint8 (H,W,in_channels) images -> uint8 class-index masks at each image's size."""
+        x = np.stack([_resize(im, self.image_size) for im in images]).astype(np.float32)
+        x = (x - self.mean) / self.std
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device)
+        logits = self.net(t).float()
+        out = []
+        for i, im in enumerate(images):
+            lg = F.interpolate(logits[i : i + 1], size=im.shape[:2], mode="bilinear", align_corners=False)
+            out.append(lg.argmax(1)[0].to(torch.uint8).cpu().numpy())
+        return out
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    out = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def _inputs(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or p.name.lower().endswith(VOLUME_SUFFIXES)))
+        if not files:
+            raise CamsegError(f"input={path}: no images ({', '.join(IMAGE_SUFFIXES)}) or NIfTI volumes found")
+        return files
+    raise CamsegError(f"input={path}: no such file or directory")
+
+
+def _batches(xs: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(xs), n):
+        yield xs[i : i + n]
+
+
+def predict_images(model: Segmenter, files: list[Path], root: Path, out: Path, batch_size: int, overlays: bool) -> int:
+    for chunk in tqdm(list(_batches(files, batch_size)), desc="images", unit="batch"):
+        imgs = []
+        for f in chunk:
+            try:
+                raw = read_image(f)
+            except Exception as e:
+                raise CamsegError(f"{f}: cannot read image ({e})") from None
+            plane = to_channels(raw, model.base_channels)
+            # A lone 2D image has no neighbours: 2.5D models see it repeated.
+            imgs.append(np.concatenate([plane] * (2 * model.context_slices + 1), axis=2))
+        for f, img, mask in zip(chunk, imgs, model.predict(imgs), strict=True):
+            name = _name(f, root)
+            save_png_atomic(out / "masks" / f"{name}.png", mask)
+            if overlays:
+                rgb = to_rgb(read_image(f))
+                save_png_atomic(out / "overlays" / f"{name}.png", panel(rgb, draw_contours(rgb, mask)))
+    return len(files)
+
+
+def _name(f: Path, root: Path) -> str:
+    rel = f.relative_to(root) if root.is_dir() else Path(f.name)
+    stem = str(rel)
+    for suf in (".nii.gz", *VOLUME_SUFFIXES, *IMAGE_SUFFIXES):
+        if stem.lower().endswith(suf):
+            stem = stem[: -len(suf)]
+            break
+    return stem.replace("/", "__")
+
+
+def predict_volume(model: Segmenter, f: Path, root: Path, out: Path, batch_size: int, windows: str | None) -> Path:
+    """Segment a NIfTI volume slice by slice; write a uint8 mask volume with the same affine."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    from camseg.data.prepare.ctich import display_slice
+    from camseg.data.prepare.windowing import apply_windows, parse_windows
+
+    try:
+        img = nib.load(f)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as e:
+        raise CamsegError(f"{f}: cannot read NIfTI ({e})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise CamsegError(f"{f}: volume has shape {data.shape}; expected 3D")
+    wins = parse_windows(windows or ("brain,subdural,bone" if model.base_channels == 3 else "brain"))
+    if len(wins) != model.base_channels:
+        raise CamsegError(f"windows={windows}: {len(wins)} window(s) but the model takes {model.base_channels} channel(s) per slice")
+    start = io_orientation(img.affine)
+    ras = axcodes2ornt(("R", "A", "S"))
+    canonical = apply_orientation(data, ornt_transform(start, ras))
+    planes = [apply_windows(display_slice(canonical[:, :, z]), wins) for z in range(canonical.shape[2])]
+    planes = [p[..., None] if p.ndim == 2 else p for p in planes]
+    k, n = model.context_slices, len(planes)
+    stacked = [np.concatenate([planes[min(max(z + d, 0), n - 1)] for d in range(-k, k + 1)], axis=2) for z in range(n)]
+    masks: list[np.ndarray] = []
+    for chunk in _batches(stacked, batch_size):
+        masks += model.predict(chunk)
+    # Undo the display transform (row 0 anterior, column 0 right) back to canonical x, y.
+    vol = np.stack([m[::-1, ::-1].T for m in masks], axis=2).astype(np.uint8)
+    vol = apply_orientation(vol, ornt_transform(ras, start))
+    header = img.header.copy()
+    header.set_data_dtype(np.uint8)
+    mask_img = nib.Nifti1Image(vol, img.affine, header)
+    dest = out / f"{_name(f, root)}_mask.nii.gz"
+    import gzip
+    import io
+
+    buf = io.BytesIO()
+    raw = mask_img.to_bytes()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        gz.write(raw)
+    write_bytes_atomic(dest, buf.getvalue())
+    return dest
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for a in argv:
+        if a in ("-h", "--help"):
+            print(__doc__)
+            sys.exit(0)
+        if "=" not in a:
+            raise CamsegError(f"argument '{a}': use key=value (ckpt=..., input=..., output=...)")
+        k, v = a.split("=", 1)
+        args[k.strip()] = v.strip()
+    allowed = {"ckpt", "input", "output", "device", "batch_size", "overlays", "windows"}
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise CamsegError(f"unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
+    for req in ("ckpt", "input", "output"):
+        if req not in args:
+            raise CamsegError(f"missing {req}=...; usage: camseg-predict ckpt=CKPT input=DIR_OR_FILE output=DIR")
+    return args
+
+
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    model = Segmenter.load(args["ckpt"], args.get("device", "auto"))
+    src, out = Path(args["input"]), Path(args["output"])
+    files = _inputs(src)
+    root = src if src.is_dir() else src.parent
+    batch = int(args.get("batch_size", 16))
+    overlays = args.get("overlays", "true").lower() in ("1", "true", "yes")
+    vols = [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
+    imgs = [f for f in files if f not in vols]
+    out.mkdir(parents=True, exist_ok=True)
+    if imgs:
+        predict_images(model, imgs, root, out, batch, overlays)
+    for v in tqdm(vols, desc="volumes", unit="vol", disable=not vols):
+        predict_volume(model, v, root, out, batch, args.get("windows"))
+    print(f"camseg-predict: {len(imgs)} image(s), {len(vols)} volume(s) -> {out}")
+    return 0
+
+
+def main() -> None:
+    try:
+        sys.exit(run(sys.argv[1:]))
+    except CamsegError as e:
+        print(f"camseg-predict: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
