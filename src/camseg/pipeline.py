@@ -35,7 +35,7 @@ def run_pipeline(cfg: DictConfig) -> float | None:
     stages = check_stages(cfg.get("stages"))
     if not cfg.get("run_name"):
         raise ConfigError("run_name is empty; give each experiment a name (run_name=my_experiment)")
-    run = RunDir(Path(cfg.paths.runs_dir) / str(cfg.run_name))
+    run = make_rundir(cfg, stages)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -64,7 +64,43 @@ def run_pipeline(cfg: DictConfig) -> float | None:
     if report is not None:
         log.info("report: %s", report)
         print(f"camseg: report written to {report}")
-    return _optimized(cfg, results)
+    value = _optimized(cfg, results)
+    job = multirun_job()
+    if job is not None:
+        from camseg.sweep import write_job_result
+
+        write_job_result(job[0], cfg, run, results, value)
+    return value
+
+
+def multirun_job() -> tuple[Path, str] | None:
+    """(the sweep's job output dir, job number) when running as one job of ``-m``, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hc.runtime.output_dir), str(hc.job.num)
+
+
+def make_rundir(cfg: DictConfig, stages: list[str]) -> RunDir:
+    """The run directory; each job of a sweep writes under ``<run>/multirun/<sweep>/<job>``.
+
+    A job that does not train stage 1 reuses the swept run's classifier (``<run>/cls``).
+    """
+    base = Path(cfg.paths.runs_dir) / str(cfg.run_name)
+    sub = cfg.get("output_subdir")
+    job = multirun_job()
+    if not sub and job is not None:
+        sweep_dir, num = job
+        sub = f"multirun/{sweep_dir.parent.name}/{num}"
+    if not sub:
+        return RunDir(base)
+    return RunDir(base / str(sub), cls_dir=None if "cls" in stages else base / "cls")
 
 
 def _optimized(cfg: DictConfig, results: dict[str, Any]) -> float | None:

@@ -10,9 +10,14 @@ from camseg.errors import CamsegError
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths of one experiment's artifacts."""
+    """Paths of one experiment's artifacts.
+
+    ``cls_dir`` points stage 1 elsewhere: sweep trials over stages 2-3 write under a trial
+    directory but reuse the classifier of the run they sweep.
+    """
 
     root: Path
+    cls_dir: Path | None = None
 
     @property
     def name(self) -> str:
@@ -24,7 +29,7 @@ class RunDir:
     # stage 1
     @property
     def cls(self) -> Path:
-        return self.root / "cls"
+        return self.cls_dir if self.cls_dir is not None else self.root / "cls"
 
     @property
     def cls_best(self) -> Path:

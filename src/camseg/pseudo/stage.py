@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 import shutil
 from pathlib import Path
@@ -81,7 +82,7 @@ def _provenance(cfg: DictConfig, run: RunDir, dm: Any, cam_desc: dict[str, Any],
         "camseg_version": __version__,
         "run_name": run.name,
         # Relative to the run directory, so a moved run directory stays valid.
-        "classifier": {"checkpoint": str(run.cls_best.relative_to(run.root)), "sha256": sha256_file(run.cls_best), "classes": dm.classes},
+        "classifier": {"checkpoint": os.path.relpath(run.cls_best, run.root), "sha256": sha256_file(run.cls_best), "classes": dm.classes},
         "cam": cam_desc,
         "policy": {
             "fg_threshold": policy.fg_threshold,
