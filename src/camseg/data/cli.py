@@ -47,6 +47,7 @@ def _synth(args: argparse.Namespace) -> int:
         size=args.size,
         seed=args.seed,
         shortcut_marker_prob=args.shortcut_marker_prob,
+        lesion_prob=args.lesion_prob,
         overwrite=args.overwrite,
     )
     print(f"synthetic {args.flavor} dataset written to {out}")
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shortcut-marker-prob", type=float, default=0.0, help="label-correlated corner marker (a shortcut for CAMs to expose)")
+    p.add_argument("--lesion-prob", type=float, default=0.5, help="fraction of slices with a lesion")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_synth)
 
