@@ -161,7 +161,7 @@ def test_pseudo_resume_gives_the_same_manifest(full_run: Path, tmp_path: Path) -
 
 def test_pseudo_refuses_changed_settings_without_force(full_run: Path, tmp_path: Path) -> None:
     root = copy_run(full_run, tmp_path / "r")
-    with pytest.raises(CamsegError, match="other settings.*force=true"):
+    with pytest.raises(CamsegError, match=r"other settings.*force=true"):
         run_pipeline(make_cfg(root, "stages=[pseudo]", "pseudo.fg_threshold=0.5"))
     run_pipeline(make_cfg(root, "stages=[pseudo]", "pseudo.fg_threshold=0.5", "force=true"))
     m = json.loads((root / "runs/t/pseudo/manifest.json").read_text())

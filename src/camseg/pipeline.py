@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from camseg.constants import STAGES
@@ -36,6 +34,9 @@ def run_pipeline(cfg: DictConfig) -> float | None:
     if not cfg.get("run_name"):
         raise ConfigError("run_name is empty; give each experiment a name (run_name=my_experiment)")
     run = make_rundir(cfg, stages)
+    import lightning as L  # imported after the cheap checks: a typo fails in a blink
+    import torch
+
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)

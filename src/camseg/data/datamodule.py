@@ -51,7 +51,9 @@ def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
         return img.mean(axis=2, keepdims=True).round().astype(np.uint8)
     if c == 1:
         return np.repeat(img, channels, axis=2)
-    raise DatasetError(f"cannot turn a {c}-channel image into {channels} channels; set data.in_channels to 1 or {c}")
+    raise DatasetError(
+        f"cannot turn a {c}-channel image into {channels} channels; set data.in_channels to 1 or {c}"
+    )
 
 
 class SampleDataset(Dataset):
@@ -86,7 +88,9 @@ class SampleDataset(Dataset):
         m = np.asarray(mean, dtype=np.float32).reshape(-1)
         s = np.asarray(std, dtype=np.float32).reshape(-1)
         if m.size not in (1, self.base_channels) or s.size not in (1, self.base_channels):
-            raise ConfigError(f"data.mean/std need 1 or {self.base_channels} values, got {m.size}/{s.size}")
+            raise ConfigError(
+                f"data.mean/std need 1 or {self.base_channels} values, got {m.size}/{s.size}"
+            )
         # Normalisation constants per input channel (stacked slices share them).
         self.mean = np.tile(np.broadcast_to(m, (self.base_channels,)), views) * 255.0
         self.std = np.tile(np.broadcast_to(s, (self.base_channels,)), views) * 255.0
@@ -104,10 +108,14 @@ class SampleDataset(Dataset):
             except DatasetError:
                 raise
             except Exception as e:
-                raise DatasetError(f"{p}: cannot read image ({e}); re-export the file or remove its row") from None
+                raise DatasetError(
+                    f"{p}: cannot read image ({e}); re-export the file or remove its row"
+                ) from None
         shapes = {pl.shape for pl in planes}
         if len(shapes) > 1:
-            raise DatasetError(f"{item.image}: neighbouring slices differ in size {sorted(shapes)}; 2.5D needs equal sizes")
+            raise DatasetError(
+                f"{item.image}: neighbouring slices differ in size {sorted(shapes)}; 2.5D needs equal sizes"
+            )
         return np.concatenate(planes, axis=2)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -115,8 +123,13 @@ class SampleDataset(Dataset):
         image = self.load_image(item)
         h, w = image.shape[:2]
         has_mask = item.mask is not None
-        if has_mask:
-            mask = read_mask(item.mask)
+        if item.mask is not None:
+            try:
+                mask = read_mask(item.mask)
+            except Exception as e:  # PIL raises several types for bad files
+                raise DatasetError(
+                    f"{item.mask}: cannot read mask ({e}); masks are single-channel PNGs of class indices"
+                ) from None
             if mask.shape != (h, w):
                 raise DatasetError(
                     f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}; masks must match their image"
@@ -162,7 +175,9 @@ def neighbour_paths(index: DatasetIndex, context_slices: int) -> dict[str, tuple
         by_group[s.group].append(s)
     out: dict[str, tuple[Path, ...]] = {}
     for ss in by_group.values():
-        order = sorted(range(len(ss)), key=lambda j: (ss[j].slice if ss[j].slice is not None else j, j))
+        order = sorted(
+            range(len(ss)), key=lambda j: (ss[j].slice if ss[j].slice is not None else j, j)
+        )
         ordered = [ss[j] for j in order]
         n = len(ordered)
         for pos, s in enumerate(ordered):
@@ -219,7 +234,8 @@ class CamSegDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
-        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.split_seed = split_seed
         self.mean, self.std = list(mean), list(std)
         self.train_augmentations = list(train_transforms or [])
         if predict_split not in ("train", "val", "test", "all"):
@@ -228,7 +244,8 @@ class CamSegDataModule(L.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic else None
         self.index: DatasetIndex | None = None
         self.splits: dict[str, list[Sample]] = {}
-        self.train_masks: dict[str, Path] | None = None  # stage 3: pseudo-mask per training sample id
+        # Stage 3: the pseudo-mask of each training sample id.
+        self.train_masks: dict[str, Path] | None = None
         self.full_res_eval = False  # stage 3: test batches carry full-resolution masks
 
     # -- setup ---------------------------------------------------------------------------
@@ -244,8 +261,12 @@ class CamSegDataModule(L.LightningDataModule):
             return
         self.prepare_data()  # idempotent; covers processes where prepare_data was not called
         self.index = load_index(self.root, classes=self.classes_arg)
-        self.splits = assign_splits(self.index.samples, self.val_fraction, self.test_fraction, self.split_seed)
-        self._neighbours = neighbour_paths(self.index, self.context_slices) if self.context_slices else {}
+        self.splits = assign_splits(
+            self.index.samples, self.val_fraction, self.test_fraction, self.split_seed
+        )
+        self._neighbours = (
+            neighbour_paths(self.index, self.context_slices) if self.context_slices else {}
+        )
         log.info(
             "dataset %s: %d samples, classes %s, split (patients) %s",
             self.root,
@@ -275,7 +296,8 @@ class CamSegDataModule(L.LightningDataModule):
 
     def items(self, split: str, masks: dict[str, Path] | None = None) -> list[Item]:
         """Items of a split; ``masks`` overrides mask paths (and keeps only the samples it names)."""
-        assert self.index is not None or self.setup() is None
+        if self.index is None:  # not an assert: `python -O` would skip the setup
+            self.setup()
         assert self.index is not None
         out = []
         for s in self.samples(split):
@@ -285,16 +307,41 @@ class CamSegDataModule(L.LightningDataModule):
                 mask: Path | None = masks[s.id]
             else:
                 mask = self.index.path(s.mask) if s.mask else None
-            out.append(Item(s.id, self.index.path(s.image), mask, s.labels, s.group, self._neighbours.get(s.id, ())))
+            out.append(
+                Item(
+                    s.id,
+                    self.index.path(s.image),
+                    mask,
+                    s.labels,
+                    s.group,
+                    self._neighbours.get(s.id, ()),
+                )
+            )
         return out
 
-    def dataset(self, split: str, train: bool, masks: dict[str, Path] | None = None, full_res: bool = False) -> SampleDataset:
+    def dataset(
+        self, split: str, train: bool, masks: dict[str, Path] | None = None, full_res: bool = False
+    ) -> SampleDataset:
         tf = build_transforms(self.image_size, self.train_augmentations if train else None)
-        return SampleDataset(self.items(split, masks), tf, self.in_channels, self.mean, self.std, self.context_slices, full_res)
+        return SampleDataset(
+            self.items(split, masks),
+            tf,
+            self.in_channels,
+            self.mean,
+            self.std,
+            self.context_slices,
+            full_res,
+        )
 
-    def _loader(self, ds: SampleDataset, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(
+        self, ds: SampleDataset, shuffle: bool, batch_size: int, split: str | None = None
+    ) -> DataLoader:
         if len(ds) == 0:
-            raise DatasetError(f"{self.root}: a split is empty; add patients or change data.val_fraction/test_fraction")
+            which = f"the '{split}' split" if split else "a split"
+            raise DatasetError(
+                f"{self.root}: {which} is empty; add patients, change data.val_fraction/test_fraction "
+                "or the 'split' column of labels.csv"
+            )
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -308,18 +355,31 @@ class CamSegDataModule(L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train", True, self.train_masks), True, self.batch_size)
+        ds = self.dataset("train", True, self.train_masks)
+        if len(ds) == 0 and self.train_masks is not None:
+            raise DatasetError(
+                f"{self.root}: no training sample has a pseudo-mask ({len(self.train_masks)} given); "
+                "run stage pseudo on this dataset and split first"
+            )
+        return self._loader(ds, True, self.batch_size, "train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val", False), False, self.eval_batch_size)
+        return self._loader(self.dataset("val", False), False, self.eval_batch_size, "val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test", False, full_res=self.full_res_eval), False, self.eval_batch_size)
+        ds = self.dataset("test", False, full_res=self.full_res_eval)
+        return self._loader(ds, False, self.eval_batch_size, "test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset(self.predict_split, False), False, self.eval_batch_size)
+        ds = self.dataset(self.predict_split, False)
+        return self._loader(ds, False, self.eval_batch_size, self.predict_split)
 
     def label_frequencies(self) -> torch.Tensor:
         """Positive fraction per class in the training split, (K,)."""
-        labels = np.array([s.labels for s in self.samples("train")], dtype=np.float64)
+        train = self.samples("train")
+        if not train:
+            raise DatasetError(
+                f"{self.root}: the 'train' split is empty; give some patients split=train or leave it empty"
+            )
+        labels = np.array([s.labels for s in train], dtype=np.float64)
         return torch.tensor(labels.mean(axis=0), dtype=torch.float32)

@@ -65,7 +65,9 @@ class DatasetIndex:
 
     def labels_array(self) -> np.ndarray:
         """Image-level labels, (N,K) uint8."""
-        return np.array([s.labels for s in self.samples], dtype=np.uint8).reshape(len(self), len(self.classes))
+        return np.array([s.labels for s in self.samples], dtype=np.uint8).reshape(
+            len(self), len(self.classes)
+        )
 
     def by_id(self) -> dict[str, Sample]:
         return {s.id: s for s in self.samples}
@@ -84,7 +86,9 @@ def sample_id(image: str) -> str:
 
 def _safe_relative(root: Path, value: str, where: str, column: str) -> str:
     if not value:
-        raise DatasetError(f"{where}: column '{column}' is empty; give a path relative to the dataset root")
+        raise DatasetError(
+            f"{where}: column '{column}' is empty; give a path relative to the dataset root"
+        )
     p = PurePosixPath(value.replace("\\", "/"))
     if p.is_absolute() or value.startswith(("/", "\\")) or (len(value) > 1 and value[1] == ":"):
         raise DatasetError(
@@ -95,6 +99,40 @@ def _safe_relative(root: Path, value: str, where: str, column: str) -> str:
             f"{where}: column '{column}' path '{value}' escapes the dataset root; remove '..' and keep files under {root}"
         )
     return str(p)
+
+
+def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """Header, rows (stripped cells) and each row's line number in the file (blank lines are skipped)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            # Spreadsheet exports often end rows with empty unnamed columns: harmless while empty.
+            unnamed = [j for j, h in enumerate(header) if not h]
+            rows: list[dict[str, str]] = []
+            lines: list[int] = []
+            for cells in reader:
+                if not any(c.strip() for c in cells):
+                    continue
+                if len(cells) > len(header):
+                    raise DatasetError(
+                        f"{csv_path}: line {reader.line_num} has {len(cells)} cells but the header has "
+                        f"{len(header)} columns; quote cells that contain commas or add the missing column names"
+                    )
+                cells = [c.strip() for c in cells] + [""] * (len(header) - len(cells))
+                for j in unnamed:
+                    if cells[j]:
+                        raise DatasetError(
+                            f"{csv_path}: line {reader.line_num} has the value '{cells[j]}' in column {j + 1}, "
+                            "which has no name in the header; name the column or remove the value"
+                        )
+                rows.append({h: c for h, c in zip(header, cells, strict=True) if h})
+                lines.append(reader.line_num)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(
+            f"{csv_path}: not a readable UTF-8 CSV file ({e}); save it as UTF-8 CSV"
+        ) from None
+    return [h for h in header if h], rows, lines
 
 
 def load_index(
@@ -117,18 +155,23 @@ def load_index(
     root = Path(root)
     csv_path = root / LABELS_CSV
     if not root.is_dir():
-        raise DatasetError(f"{root}: dataset root does not exist; create it or point data.root at a dataset folder")
+        raise DatasetError(
+            f"{root}: dataset root does not exist; create it or point data.root at a dataset folder"
+        )
     if not csv_path.is_file():
-        raise DatasetError(f"{csv_path}: not found; a dataset root needs a labels.csv (see README, 'Dataset format')")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+        raise DatasetError(
+            f"{csv_path}: not found; a dataset root needs a labels.csv (see README, 'Dataset format')"
+        )
+    header, rows, lines = _read_csv(csv_path)
     if "image" not in header:
-        raise DatasetError(f"{csv_path}: no 'image' column (header is {header}); add one with image paths")
+        raise DatasetError(
+            f"{csv_path}: no 'image' column (header is {header}); add one with image paths"
+        )
     dupe_cols = [c for c, n in Counter(header).items() if n > 1]
     if dupe_cols:
-        raise DatasetError(f"{csv_path}: duplicate column(s) {dupe_cols}; every column name must be unique")
+        raise DatasetError(
+            f"{csv_path}: duplicate column(s) {dupe_cols}; every column name must be unique"
+        )
     candidate = [c for c in header if c not in RESERVED_COLUMNS]
     if classes is None:
         classes = candidate
@@ -136,17 +179,21 @@ def load_index(
         classes = list(classes)
         missing = [c for c in classes if c not in header]
         if missing:
-            raise DatasetError(f"{csv_path}: class column(s) {missing} not found; columns are {header}")
+            raise DatasetError(
+                f"{csv_path}: class column(s) {missing} not found; columns are {header}"
+            )
     if not classes:
-        raise DatasetError(f"{csv_path}: no class column; add one 0/1 column per class besides {list(RESERVED_COLUMNS)}")
+        raise DatasetError(
+            f"{csv_path}: no class column; add one 0/1 column per class besides {list(RESERVED_COLUMNS)}"
+        )
     if not rows:
         raise DatasetError(f"{csv_path}: no rows; list one image per row")
 
     samples: list[Sample] = []
     seen_images: dict[str, int] = {}
     seen_ids: dict[str, int] = {}
-    for i, row in enumerate(rows, start=1):
-        where = f"{csv_path}: row {i} (line {i + 1})"
+    for i, (row, line) in enumerate(zip(rows, lines, strict=True), start=1):
+        where = f"{csv_path}: row {i} (line {line})"
         image = _safe_relative(root, row.get("image", ""), where, "image")
         if image in seen_images:
             raise DatasetError(
@@ -161,18 +208,24 @@ def load_index(
             v = row.get(c, "")
             if v not in ("0", "1"):
                 shown = v if v else "empty"
-                raise DatasetError(f"{where}: column '{c}' has value {shown}; class columns must be 0 or 1")
+                raise DatasetError(
+                    f"{where}: column '{c}' has value {shown}; class columns must be 0 or 1"
+                )
             labels.append(int(v))
         split = row.get("split") or None
         if split is not None and split not in SPLITS:
-            raise DatasetError(f"{where}: column 'split' has value '{split}'; use one of {list(SPLITS)} or leave it empty")
+            raise DatasetError(
+                f"{where}: column 'split' has value '{split}'; use one of {list(SPLITS)} or leave it empty"
+            )
         slice_v = row.get("slice") or None
         slice_i = None
         if slice_v is not None:
             try:
                 slice_i = int(slice_v)
             except ValueError:
-                raise DatasetError(f"{where}: column 'slice' has value '{slice_v}'; slice indices must be integers") from None
+                raise DatasetError(
+                    f"{where}: column 'slice' has value '{slice_v}'; slice indices must be integers"
+                ) from None
         sid = sample_id(image)
         if sid in seen_ids:
             raise DatasetError(
@@ -182,9 +235,13 @@ def load_index(
         group = row.get("group") or sid
         if check_files:
             if not (root / image).is_file():
-                raise DatasetError(f"{where}: image file '{image}' not found under {root}; fix the path or add the file")
+                raise DatasetError(
+                    f"{where}: image file '{image}' not found under {root}; fix the path or add the file"
+                )
             if mask is not None and not (root / mask).is_file():
-                raise DatasetError(f"{where}: mask file '{mask}' not found under {root}; fix the path or clear the 'mask' cell")
+                raise DatasetError(
+                    f"{where}: mask file '{mask}' not found under {root}; fix the path or clear the 'mask' cell"
+                )
         samples.append(Sample(sid, image, mask, group, split, slice_i, tuple(labels)))
 
     if require_positive:
@@ -227,28 +284,33 @@ def validate_root(root: str | Path, classes: list[str] | None = None) -> Dataset
     """
     index = load_index(root, classes=classes, check_files=True)
     k = len(index.classes)
-    for s in index.samples:
+    for i, s in enumerate(index.samples, start=1):
+        row = f"{LABELS_CSV} row {i}"
         ip = index.path(s.image)
         try:
             img = read_image(ip)
         except Exception as e:  # PIL raises several types for bad files
-            raise DatasetError(f"{ip}: cannot read image ({e}); re-export the file or remove its row") from None
+            raise DatasetError(
+                f"{ip} ({row}): cannot read image ({e}); re-export the file or remove its row"
+            ) from None
         if s.mask is None:
             continue
         mp = index.path(s.mask)
         try:
             m = read_mask(mp)
         except Exception as e:
-            raise DatasetError(f"{mp}: cannot read mask ({e}); masks are single-channel PNGs of class indices") from None
+            raise DatasetError(
+                f"{mp} ({row}): cannot read mask ({e}); masks are single-channel PNGs of class indices"
+            ) from None
         if m.shape != img.shape[:2]:
             raise DatasetError(
-                f"{mp}: mask is {m.shape[1]}x{m.shape[0]} but image '{s.image}' is {img.shape[1]}x{img.shape[0]}; "
-                "masks must have their image's size"
+                f"{mp} ({row}): mask is {m.shape[1]}x{m.shape[0]} but image '{s.image}' is "
+                f"{img.shape[1]}x{img.shape[0]}; masks must have their image's size"
             )
         bad = np.setdiff1d(np.unique(m), np.arange(k + 1))
         if bad.size:
             raise DatasetError(
-                f"{mp}: mask has value(s) {bad.tolist()}; allowed are 0 (background) to {k} (one per class)"
+                f"{mp} ({row}): mask has value(s) {bad.tolist()}; allowed are 0 (background) to {k} (one per class)"
             )
     return index
 

@@ -18,12 +18,19 @@ def assign_splits(
 
     Groups with a ``split`` value in labels.csv keep it; the other groups are shuffled
     (seeded) within strata of "has a positive of class k" patterns and dealt out so that
-    each split receives about its fraction of groups and of positive groups.
+    each split receives about its fraction of groups and of positive groups. A class with
+    at least three positive groups gets at least one of them in val and in test (when
+    their fraction is above 0), so that validation and test metrics are defined; the
+    group moved there trades places with a negative one when the split has one.
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}`` in the original row order.
     """
-    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+    if not (
+        0.0 <= val_fraction < 1.0
+        and 0.0 <= test_fraction < 1.0
+        and val_fraction + test_fraction < 1.0
+    ):
         raise ConfigError(
             f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: each in [0,1) and their sum below 1"
         )
@@ -39,7 +46,9 @@ def assign_splits(
 
     strata: dict[tuple[int, ...], list[str]] = defaultdict(list)
     for g in free:
-        pattern = tuple(int(any(s.labels[k] for s in groups[g])) for k in range(len(groups[g][0].labels)))
+        pattern = tuple(
+            int(any(s.labels[k] for s in groups[g])) for k in range(len(groups[g][0].labels))
+        )
         strata[pattern].append(g)
     rng = np.random.default_rng(seed)
     assignment = dict(fixed)
@@ -51,14 +60,67 @@ def assign_splits(
         n = len(order)
         want_val = n * val_fraction + carry["val"]
         want_test = n * test_fraction + carry["test"]
-        n_val, n_test = int(round(want_val)), int(round(want_test))
+        n_val, n_test = round(want_val), round(want_test)
         if n_val + n_test >= n and n > 0:
             n_test = min(n_test, max(n - 1 - n_val, 0))
             n_val = min(n_val, max(n - 1 - n_test, 0))
         carry["val"], carry["test"] = want_val - n_val, want_test - n_test
         for i, g in enumerate(order):
             assignment[g] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    _spread_positive_groups(
+        assignment, groups, free, {"val": val_fraction, "test": test_fraction}, rng
+    )
     out: dict[str, list[Sample]] = {k: [] for k in SPLITS}
     for s in samples:
         out[assignment[s.group]].append(s)
     return out
+
+
+def _spread_positive_groups(
+    assignment: dict[str, str],
+    groups: dict[str, list[Sample]],
+    free: list[str],
+    fractions: dict[str, float],
+    rng: np.random.Generator,
+) -> None:
+    """Move free positive groups into val/test splits that have none of a class (in place).
+
+    Rounding per stratum can leave a split without any positive group of a class when
+    the class has few positive patients (3 of 10 at 15 % gives 0.45 groups per split).
+    """
+    num_classes = len(next(iter(groups.values()))[0].labels) if groups else 0
+    positive = {
+        g: {k for s in ss for k in range(num_classes) if s.labels[k]} for g, ss in groups.items()
+    }
+    order = [free[i] for i in rng.permutation(len(free))]
+    for k in range(num_classes):
+        pos_k = [g for g in groups if k in positive[g]]
+        if len(pos_k) < 3:
+            continue
+        for split in ("val", "test"):
+            if fractions[split] <= 0 or any(assignment[g] == split for g in pos_k):
+                continue
+            count = {sp: sum(assignment[g] == sp for g in pos_k) for sp in SPLITS}
+            # Take from the split with the most positive groups of class k; it keeps at least one.
+            donors = [
+                g
+                for g in order
+                if k in positive[g] and assignment[g] != split and count[assignment[g]] >= 2
+            ]
+            if not donors:
+                continue
+            donor = max(donors, key=lambda g: (count[assignment[g]], assignment[g] == "train"))
+            back = _swap_candidate(assignment, positive, order, split)
+            if back is not None:
+                assignment[back] = assignment[donor]
+            assignment[donor] = split
+
+
+def _swap_candidate(
+    assignment: dict[str, str], positive: dict[str, set[int]], order: list[str], split: str
+) -> str | None:
+    """A free group of ``split`` with no positive at all, to keep the split's size when a positive one arrives."""
+    for g in order:
+        if assignment[g] == split and not positive[g]:
+            return g
+    return None
