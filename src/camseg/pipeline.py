@@ -59,9 +59,11 @@ def run_pipeline(cfg: DictConfig) -> float | None:
             results["seg"] = run_seg(cfg, run)
         timings[stage] = time.time() - t0
         log.info("=== stage %s done in %.1f s ===", stage, timings[stage])
+    from lightning.pytorch.utilities import rank_zero_only
+
     from camseg.report import write_report
 
-    report = write_report(cfg, run, timings)
+    report = write_report(cfg, run, timings) if rank_zero_only.rank == 0 else None
     if report is not None:
         log.info("report: %s", report)
         print(f"camseg: report written to {report}")

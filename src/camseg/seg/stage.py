@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from camseg.cls.stage import build_datamodule, resolve_ckpt_path
 from camseg.constants import IGNORE_INDEX
 from camseg.data.datamodule import CamSegDataModule, collate
-from camseg.errors import ManifestError
+from camseg.errors import ConfigError, ManifestError
 from camseg.pseudo.manifest import Manifest, load_manifest
 from camseg.rundir import RunDir
 from camseg.seg.metrics import SegMetrics, group_ids
@@ -120,6 +120,11 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         "validation patients have ground-truth masks" if val_has_gt else "no ground truth in validation: loss on pseudo-masks",
     )
     rounds = int(cfg.seg.get("rounds", 1))
+    if rounds < 1:
+        raise ConfigError(f"seg.rounds={rounds}: must be >= 1")
+    devices = cfg.trainer.get("devices", 1)
+    if rounds > 1 and (int(cfg.trainer.get("num_nodes", 1)) > 1 or (isinstance(devices, int) and devices > 1)):
+        raise ConfigError("seg.rounds > 1 (self-training) runs on one device; use trainer.devices=1 or seg.rounds=1")
     t0 = time.time()
     history = []
     for r in range(1, rounds + 1):
