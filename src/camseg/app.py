@@ -60,6 +60,8 @@ def _precheck_overrides(argv: list[str]) -> str | None:
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()
         msg = " ".join(line.strip() for line in first[:2] if line.strip())
+        if e.__cause__ is not None:  # the reason, e.g. "Key 'x' is not in struct"
+            msg += f" ({str(e.__cause__).strip().splitlines()[0]})"
         return msg or type(e).__name__
     return None
 

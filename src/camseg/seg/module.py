@@ -19,14 +19,31 @@ from camseg.utils.io import read_image, save_png_atomic
 from camseg.utils.overlay import GT_COLOUR, draw_contours, panel, to_rgb
 
 
-def build_segmentation_net(arch: str, encoder_name: str, encoder_weights: str | None, in_channels: int, num_classes: int) -> nn.Module:
-    """``smp.create_model`` with K+1 output channels (background first)."""
+def build_segmentation_net(
+    arch: str,
+    encoder_name: str,
+    encoder_weights: str | None,
+    in_channels: int,
+    num_classes: int,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """``smp.create_model`` with K+1 output channels (background first).
+
+    ``model_kwargs`` go to the architecture (e.g. ``decoder_channels`` for Unet).
+    """
     import segmentation_models_pytorch as smp
 
     try:
         return smp.create_model(
-            arch=arch, encoder_name=encoder_name, encoder_weights=encoder_weights, in_channels=in_channels, classes=num_classes + 1
+            arch=arch,
+            encoder_name=encoder_name,
+            encoder_weights=encoder_weights,
+            in_channels=in_channels,
+            classes=num_classes + 1,
+            **dict(model_kwargs or {}),
         )
+    except TypeError as e:
+        raise ConfigError(f"seg.model_kwargs: {e}") from None
     except KeyError as e:
         raise ConfigError(f"seg.arch='{arch}' / seg.encoder_name='{encoder_name}': unknown to segmentation-models-pytorch ({e})") from None
     except Exception as e:

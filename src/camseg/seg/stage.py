@@ -73,6 +73,7 @@ def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule
         "encoder_weights": s.get("encoder_weights"),
         "in_channels": dm.in_channels,
         "num_classes": dm.num_classes,
+        "model_kwargs": OmegaConf.to_container(s.model_kwargs, resolve=True) if s.get("model_kwargs") else {},
     }
     data_cfg = {
         "image_size": dm.image_size,
