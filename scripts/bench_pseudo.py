@@ -16,10 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 from camseg.cls.module import ClassifierModule
 from camseg.data.synthetic import generate
@@ -38,7 +36,7 @@ def make_dataset(root: Path, n: int, size: int) -> None:
     (out / "masks").mkdir()
     lines = [header]
     for i in range(n):
-        image, mask, group, sl, label = body[i % len(body)].split(",")
+        image, mask, _group, _slice, label = body[i % len(body)].split(",")
         name = f"B{i:05d}.png"
         shutil.copy(src / image, out / "images" / name)
         shutil.copy(src / mask, out / "masks" / name)
@@ -47,10 +45,20 @@ def make_dataset(root: Path, n: int, size: int) -> None:
 
 
 def make_checkpoint(path: Path, backbone: str) -> None:
-    net_config = {"_target_": "camseg.models.classifier.CamClassifier", "num_classes": 1, "backbone": backbone,
-                  "source": "torchvision", "in_channels": 1, "output_stride": 16, "pretrained": False, "dropout": 0.0}
+    net_config = {
+        "_target_": "camseg.models.classifier.CamClassifier",
+        "num_classes": 1,
+        "backbone": backbone,
+        "source": "torchvision",
+        "in_channels": 1,
+        "output_stride": 16,
+        "pretrained": False,
+        "dropout": 0.0,
+    }
     net = CamClassifier(**{k: v for k, v in net_config.items() if k != "_target_"})
-    module = ClassifierModule(net, optimizer=torch.optim.AdamW, class_names=["hemorrhage"], net_config=net_config)
+    module = ClassifierModule(
+        net, optimizer=torch.optim.AdamW, class_names=["hemorrhage"], net_config=net_config
+    )
     path.parent.mkdir(parents=True)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
 
@@ -59,7 +67,11 @@ def make_checkpoint(path: Path, backbone: str) -> None:
 def forward_throughput(backbone: str, size: int, batch: int, device: str, bf16: bool) -> float:
     net = CamClassifier(1, backbone, in_channels=1, output_stride=16).to(device).eval()
     x = torch.randn(batch, 1, size, size, device=device)
-    ctx = torch.autocast(device, dtype=torch.bfloat16) if bf16 else torch.autocast(device, enabled=False)
+    ctx = (
+        torch.autocast(device, dtype=torch.bfloat16)
+        if bf16
+        else torch.autocast(device, enabled=False)
+    )
     with ctx:
         for _ in range(3):
             net(x)
@@ -75,7 +87,9 @@ def forward_throughput(backbone: str, size: int, batch: int, device: str, bf16: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
@@ -94,12 +108,23 @@ def main() -> None:
         make_checkpoint(root / "runs/bench/cls/checkpoints/best.ckpt", args.backbone)
         prep = time.perf_counter() - t0
         overrides = [
-            f"paths.root_dir={root}", "run_name=bench", "stages=[pseudo]", "data=default", f"data.root={root / 'data'}",
-            f"data.image_size={args.size}", "data.in_channels=1", "data.val_fraction=0", "data.test_fraction=0",
-            f"data.num_workers={args.workers}", f"pseudo.batch_size={args.batch}", f"pseudo.save_cams={args.save_cams}",
-            "pseudo.overlays=8", f"cam.scales=[{','.join(map(str, args.scales))}]",
+            f"paths.root_dir={root}",
+            "run_name=bench",
+            "stages=[pseudo]",
+            "data=default",
+            f"data.root={root / 'data'}",
+            f"data.image_size={args.size}",
+            "data.in_channels=1",
+            "data.val_fraction=0",
+            "data.test_fraction=0",
+            f"data.num_workers={args.workers}",
+            f"pseudo.batch_size={args.batch}",
+            f"pseudo.save_cams={args.save_cams}",
+            "pseudo.overlays=8",
+            f"cam.scales=[{','.join(map(str, args.scales))}]",
             f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-            f"trainer.precision={'bf16-mixed' if bf16 else '32-true'}", "trainer.enable_progress_bar=false",
+            f"trainer.precision={'bf16-mixed' if bf16 else '32-true'}",
+            "trainer.enable_progress_bar=false",
         ]
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
@@ -111,13 +136,23 @@ def main() -> None:
     views = sum(s * s for s in args.scales) * 2
     limit = fwd / views
     e2e = written / wall
-    dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"stage 2 end to end: {args.backbone} {args.size}px batch {args.batch} {args.precision}, {dev}, {args.workers} loader workers")
+    dev = (
+        torch.cuda.get_device_name(0)
+        if args.device == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"stage 2 end to end: {args.backbone} {args.size}px batch {args.batch} {args.precision}, {dev}, {args.workers} loader workers"
+    )
     print("| measure | images/s |")
     print("|---|---|")
     print(f"| bare forward (model only) | {fwd:.1f} |")
-    print(f"| model-only limit for {len(args.scales)} scales x flip (forward / {views:.2f}) | {limit:.1f} |")
-    print(f"| stage 2 end to end ({written} images: load, CAMs, masks{' + CAMs' if args.save_cams else ''} written) | {e2e:.1f} |")
+    print(
+        f"| model-only limit for {len(args.scales)} scales x flip (forward / {views:.2f}) | {limit:.1f} |"
+    )
+    print(
+        f"| stage 2 end to end ({written} images: load, CAMs, masks{' + CAMs' if args.save_cams else ''} written) | {e2e:.1f} |"
+    )
     print(f"| ratio end-to-end / limit (goal >= 0.85) | {e2e / limit:.2f} |")
     print(f"(dataset preparation {prep:.1f} s, stage wall time {wall:.1f} s including start-up)")
 

@@ -26,13 +26,30 @@ from camseg.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = [
-    "tag", "experiment", "cls_test_auroc", "pseudo_dice", "pseudo_best_dice", "pseudo_best_threshold",
-    "seg_test_dice", "seg_test_iou", "seg_patient_dice", "cls_s", "pseudo_s", "seg_s", "total_s", "machine", "overrides",
+    "tag",
+    "experiment",
+    "cls_test_auroc",
+    "pseudo_dice",
+    "pseudo_best_dice",
+    "pseudo_best_threshold",
+    "seg_test_dice",
+    "seg_test_iou",
+    "seg_patient_dice",
+    "cls_s",
+    "pseudo_s",
+    "seg_s",
+    "total_s",
+    "machine",
+    "overrides",
 ]
 
 
 def machine() -> str:
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
+    dev = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU x{torch.get_num_threads()} threads"
+    )
     return f"{platform.machine()} {dev}"
 
 
@@ -44,7 +61,11 @@ def run_one(experiment: str, tag: str, overrides: list[str]) -> dict[str, object
     total = time.time() - t0
     run = Path(cfg.paths.runs_dir) / str(cfg.run_name)
     cls_m = json.loads((run / "cls/metrics.json").read_text())
-    q = json.loads((run / "pseudo/quality.json").read_text()) if (run / "pseudo/quality.json").is_file() else {}
+    q = (
+        json.loads((run / "pseudo/quality.json").read_text())
+        if (run / "pseudo/quality.json").is_file()
+        else {}
+    )
     seg_m = json.loads((run / "seg/metrics.json").read_text())
     timings = json.loads((run / "timings.json").read_text())
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
@@ -78,7 +99,9 @@ def print_table(rows: list[dict[str, str]]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--experiment", default="synthetic")
     ap.add_argument("--tag", default="default")
     ap.add_argument("--results", type=Path, default=Path("runs/bench_quality.csv"))

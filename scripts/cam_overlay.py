@@ -26,7 +26,9 @@ from camseg.utils.overlay import cam_overlay, panel, to_rgb
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--ckpt", type=Path, required=True)
     ap.add_argument("--image", type=Path, required=True)
     ap.add_argument("--method", default="cam")
@@ -56,12 +58,16 @@ def main() -> None:
     kwargs = {}
     if args.method != "cam":
         kwargs["target_layer"] = args.target_layer or default_target_layer(model)
-    engine = build_cam_method(args.method, model, scales=args.scales, flip=not args.no_flip, **kwargs)
+    engine = build_cam_method(
+        args.method, model, scales=args.scales, flip=not args.no_flip, **kwargs
+    )
     with torch.no_grad():
         logits = model(t)
     probs = torch.sigmoid(logits) if hp.get("multilabel", True) else logits.softmax(1)
     cams = engine(t, torch.ones(1, k)).float()
-    cams = torch.nn.functional.interpolate(cams, size=raw.shape[:2], mode="bilinear", align_corners=False)[0].numpy()
+    cams = torch.nn.functional.interpolate(
+        cams, size=raw.shape[:2], mode="bilinear", align_corners=False
+    )[0].numpy()
     tiles = [to_rgb(raw)] + [cam_overlay(raw, cams[i]) for i in range(k)]
     save_png_atomic(args.out, panel(*tiles))
     for name, p in zip(hp["class_names"], probs[0].tolist(), strict=True):

@@ -82,7 +82,15 @@ def test_every_artifact_of_the_design_is_written(full_run: Path) -> None:
 def test_manifest_records_provenance_and_checkpoint_hash(full_run: Path) -> None:
     run = full_run / "runs" / "t"
     m = json.loads((run / "pseudo/manifest.json").read_text())
-    for key in ("schema_version", "camseg_version", "classifier", "cam", "policy", "dataset", "samples"):
+    for key in (
+        "schema_version",
+        "camseg_version",
+        "classifier",
+        "cam",
+        "policy",
+        "dataset",
+        "samples",
+    ):
         assert key in m
     digest = hashlib.sha256((run / "cls/checkpoints/best.ckpt").read_bytes()).hexdigest()
     assert m["classifier"]["sha256"] == digest
@@ -176,7 +184,9 @@ def test_pseudo_refuses_changed_settings_without_force(full_run: Path, tmp_path:
         ("cam.method=gradcam cam.target_layer=encoder.nope", "encoder.nope"),
     ],
 )
-def test_pseudo_bad_input_writes_nothing(full_run: Path, tmp_path: Path, override: str, message: str) -> None:
+def test_pseudo_bad_input_writes_nothing(
+    full_run: Path, tmp_path: Path, override: str, message: str
+) -> None:
     root = copy_run(full_run, tmp_path / "r")
     shutil.rmtree(root / "runs/t/pseudo")
     with pytest.raises((ConfigError, CamsegError), match=message):

@@ -16,14 +16,26 @@ from camseg.seg.module import build_segmentation_net
 
 
 def write_checkpoint(path: Path, in_channels: int = 1, context_slices: int = 0) -> Path:
-    net_cfg = {"arch": "FPN", "encoder_name": "resnet18", "encoder_weights": None, "in_channels": in_channels, "num_classes": 1}
+    net_cfg = {
+        "arch": "FPN",
+        "encoder_name": "resnet18",
+        "encoder_weights": None,
+        "in_channels": in_channels,
+        "num_classes": 1,
+    }
     net = build_segmentation_net(**net_cfg)
     torch.save(
         {
             "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
             "hyper_parameters": {
                 "net_config": net_cfg,
-                "data_config": {"image_size": 32, "in_channels": in_channels, "context_slices": context_slices, "mean": [0.5], "std": [0.25]},
+                "data_config": {
+                    "image_size": 32,
+                    "in_channels": in_channels,
+                    "context_slices": context_slices,
+                    "mean": [0.5],
+                    "std": [0.25],
+                },
                 "class_names": ["lesion"],
             },
         },
@@ -57,7 +69,9 @@ def test_images_give_masks_and_overlays(tmp_path: Path) -> None:
     assert (tmp_path / "out/overlays/a.png").is_file()
 
 
-def test_nifti_volume_round_trips_orientation_and_affine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nifti_volume_round_trips_orientation_and_affine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ckpt = write_checkpoint(tmp_path / "seg.ckpt")
     threshold_model(monkeypatch)
     hu = np.full((20, 24, 6), -1000.0, np.float32)  # air
@@ -66,7 +80,14 @@ def test_nifti_volume_round_trips_orientation_and_affine(tmp_path: Path, monkeyp
     # A non-canonical affine (x flipped, y flipped): the output must come back in the input's voxel order.
     affine = np.diag([-0.8, -0.8, 5.0, 1.0])
     nib.save(nib.Nifti1Image(hu, affine), tmp_path / "vol.nii.gz")
-    run([f"ckpt={ckpt}", f"input={tmp_path / 'vol.nii.gz'}", f"output={tmp_path / 'out'}", "device=cpu"])
+    run(
+        [
+            f"ckpt={ckpt}",
+            f"input={tmp_path / 'vol.nii.gz'}",
+            f"output={tmp_path / 'out'}",
+            "device=cpu",
+        ]
+    )
     out = nib.load(tmp_path / "out/vol_mask.nii.gz")
     mask = np.asarray(out.dataobj)
     assert mask.shape == hu.shape and mask.dtype == np.uint8

@@ -68,7 +68,9 @@ def test_optuna_sweep_writes_a_summary_with_the_returned_metric(trained: Path) -
     for p in results:
         run_dir = Path(json.loads(p.read_text())["run_dir"])
         manifest = json.loads((run_dir / "pseudo" / "manifest.json").read_text())
-        assert (run_dir / manifest["classifier"]["checkpoint"]).resolve() == (trained / "runs/base/cls/checkpoints/best.ckpt").resolve()
+        assert (run_dir / manifest["classifier"]["checkpoint"]).resolve() == (
+            trained / "runs/base/cls/checkpoints/best.ckpt"
+        ).resolve()
     assert not (trained / "runs/base/pseudo").exists(), "trials must not write into the swept run"
 
 
@@ -85,7 +87,9 @@ def test_grid_multirun_gives_each_job_its_own_run_directory(trained: Path) -> No
     fg = []
     for p in sorted((trained / "sweep_grid").glob("*/camseg_result.json")):
         run_dir = Path(json.loads(p.read_text())["run_dir"])
-        fg.append(json.loads((run_dir / "pseudo/manifest.json").read_text())["policy"]["fg_threshold"])
+        fg.append(
+            json.loads((run_dir / "pseudo/manifest.json").read_text())["policy"]["fg_threshold"]
+        )
     assert sorted(fg) == [0.2, 0.4]
     assert (trained / "sweep_grid" / "summary.csv").is_file()
 
@@ -95,7 +99,12 @@ def test_slurm_launcher_config_composes() -> None:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
             "config",
-            overrides=["launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.nodes=2"],
+            overrides=[
+                "launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.nodes=2",
+            ],
             return_hydra_config=True,
         )
     launcher = cfg.hydra.launcher

@@ -45,7 +45,9 @@ def _precheck_overrides(argv: list[str]) -> str | None:
     single runs are checked here first so the user gets one line. Sweeps (``-m``) are
     left to Hydra, since their values are not single overrides.
     """
-    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("-") and a not in ("--cfg", "-c") for a in argv):
+    if any(a in ("-m", "--multirun") for a in argv) or any(
+        a.startswith("-") and a not in ("--cfg", "-c") for a in argv
+    ):
         return None
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
     if not overrides:

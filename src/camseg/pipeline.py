@@ -22,7 +22,9 @@ def check_stages(stages: Any) -> list[str]:
     stages = [str(s) for s in (stages or [])]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ConfigError(f"stages={stages}: unknown stage(s) {unknown}; choose from {list(STAGES)}, e.g. stages=[cls,pseudo]")
+        raise ConfigError(
+            f"stages={stages}: unknown stage(s) {unknown}; choose from {list(STAGES)}, e.g. stages=[cls,pseudo]"
+        )
     if not stages:
         raise ConfigError(f"stages=[]: nothing to run; choose from {list(STAGES)}")
     return [s for s in STAGES if s in stages]
@@ -63,7 +65,7 @@ def run_pipeline(cfg: DictConfig) -> float | None:
 
     from camseg.report import write_report
 
-    report = write_report(cfg, run, timings) if rank_zero_only.rank == 0 else None
+    report = write_report(cfg, run, timings) if rank_zero_only.rank == 0 else None  # type: ignore[attr-defined]
     if report is not None:
         log.info("report: %s", report)
         print(f"camseg: report written to {report}")
@@ -111,7 +113,12 @@ def _optimized(cfg: DictConfig, results: dict[str, Any]) -> float | None:
     if not name:
         return None
     for stage_result in results.values():
-        for section in (stage_result, stage_result.get("val", {}), stage_result.get("test", {}), stage_result.get("quality", {})):
+        for section in (
+            stage_result,
+            stage_result.get("val", {}),
+            stage_result.get("test", {}),
+            stage_result.get("quality", {}),
+        ):
             if isinstance(section, dict) and name in section:
                 return float(section[name])
     raise ConfigError(f"optimized_metric='{name}' was not produced by stages {list(results)}")

@@ -49,23 +49,52 @@ class Segmenter:
     def load(cls, path: str | Path, device: str = "auto") -> Segmenter:
         path = Path(path)
         if not path.is_file():
-            raise CamsegError(f"ckpt={path}: file not found; give a stage-3 checkpoint such as runs/<run>/seg/checkpoints/best.ckpt")
+            raise CamsegError(
+                f"ckpt={path}: file not found; give a stage-3 checkpoint such as runs/<run>/seg/checkpoints/best.ckpt"
+            )
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-        if "net_config" not in hp or "data_config" not in hp or "arch" not in (hp.get("net_config") or {}):
-            raise CamsegError(f"ckpt={path}: not a camseg segmenter checkpoint (stage 3: runs/<run>/seg/checkpoints/*.ckpt)")
+        if (
+            "net_config" not in hp
+            or "data_config" not in hp
+            or "arch" not in (hp.get("net_config") or {})
+        ):
+            raise CamsegError(
+                f"ckpt={path}: not a camseg segmenter checkpoint (stage 3: runs/<run>/seg/checkpoints/*.ckpt)"
+            )
         net_cfg = dict(hp["net_config"])
         net_cfg["encoder_weights"] = None  # the checkpoint holds the weights
         net = build_segmentation_net(**net_cfg)
-        net.load_state_dict({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        net.load_state_dict(
+            {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        )
+        dev = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else ("cpu" if device == "auto" else device)
+        )
         net.to(dev).eval()
         d = hp["data_config"]
         views = 2 * int(d.get("context_slices", 0)) + 1
         base = int(d["in_channels"]) // views
-        mean = np.tile(np.broadcast_to(np.asarray(d["mean"], np.float32).reshape(-1), (base,)), views) * 255
-        std = np.tile(np.broadcast_to(np.asarray(d["std"], np.float32).reshape(-1), (base,)), views) * 255
-        return cls(net, list(hp["class_names"]), int(d["image_size"]), int(d["in_channels"]), int(d.get("context_slices", 0)), mean, std, dev)
+        mean = (
+            np.tile(np.broadcast_to(np.asarray(d["mean"], np.float32).reshape(-1), (base,)), views)
+            * 255
+        )
+        std = (
+            np.tile(np.broadcast_to(np.asarray(d["std"], np.float32).reshape(-1), (base,)), views)
+            * 255
+        )
+        return cls(
+            net,
+            list(hp["class_names"]),
+            int(d["image_size"]),
+            int(d["in_channels"]),
+            int(d.get("context_slices", 0)),
+            mean,
+            std,
+            dev,
+        )
 
     @property
     def base_channels(self) -> int:
@@ -80,7 +109,9 @@ class Segmenter:
         logits = self.net(t).float()
         out = []
         for i, im in enumerate(images):
-            lg = F.interpolate(logits[i : i + 1], size=im.shape[:2], mode="bilinear", align_corners=False)
+            lg = F.interpolate(
+                logits[i : i + 1], size=im.shape[:2], mode="bilinear", align_corners=False
+            )
             out.append(lg.argmax(1)[0].to(torch.uint8).cpu().numpy())
         return out
 
@@ -96,9 +127,16 @@ def _inputs(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or p.name.lower().endswith(VOLUME_SUFFIXES)))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and (p.suffix.lower() in IMAGE_SUFFIXES or p.name.lower().endswith(VOLUME_SUFFIXES))
+        )
         if not files:
-            raise CamsegError(f"input={path}: no images ({', '.join(IMAGE_SUFFIXES)}) or NIfTI volumes found")
+            raise CamsegError(
+                f"input={path}: no images ({', '.join(IMAGE_SUFFIXES)}) or NIfTI volumes found"
+            )
         return files
     raise CamsegError(f"input={path}: no such file or directory")
 
@@ -108,7 +146,9 @@ def _batches(xs: list[Any], n: int) -> Iterator[list[Any]]:
         yield xs[i : i + n]
 
 
-def predict_images(model: Segmenter, files: list[Path], root: Path, out: Path, batch_size: int, overlays: bool) -> int:
+def predict_images(
+    model: Segmenter, files: list[Path], root: Path, out: Path, batch_size: int, overlays: bool
+) -> int:
     for chunk in tqdm(list(_batches(files, batch_size)), desc="images", unit="batch"):
         imgs = []
         for f in chunk:
@@ -119,12 +159,14 @@ def predict_images(model: Segmenter, files: list[Path], root: Path, out: Path, b
             plane = to_channels(raw, model.base_channels)
             # A lone 2D image has no neighbours: 2.5D models see it repeated.
             imgs.append(np.concatenate([plane] * (2 * model.context_slices + 1), axis=2))
-        for f, img, mask in zip(chunk, imgs, model.predict(imgs), strict=True):
+        for f, mask in zip(chunk, model.predict(imgs), strict=True):
             name = _name(f, root)
             save_png_atomic(out / "masks" / f"{name}.png", mask)
             if overlays:
                 rgb = to_rgb(read_image(f))
-                save_png_atomic(out / "overlays" / f"{name}.png", panel(rgb, draw_contours(rgb, mask)))
+                save_png_atomic(
+                    out / "overlays" / f"{name}.png", panel(rgb, draw_contours(rgb, mask))
+                )
     return len(files)
 
 
@@ -138,7 +180,9 @@ def _name(f: Path, root: Path) -> str:
     return stem.replace("/", "__")
 
 
-def predict_volume(model: Segmenter, f: Path, root: Path, out: Path, batch_size: int, windows: str | None) -> Path:
+def predict_volume(
+    model: Segmenter, f: Path, root: Path, out: Path, batch_size: int, windows: str | None
+) -> Path:
     """Segment a NIfTI volume slice by slice; write a uint8 mask volume with the same affine."""
     import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
@@ -147,7 +191,7 @@ def predict_volume(model: Segmenter, f: Path, root: Path, out: Path, batch_size:
     from camseg.data.prepare.windowing import apply_windows, parse_windows
 
     try:
-        img = nib.load(f)
+        img: Any = nib.load(f)
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as e:
         raise CamsegError(f"{f}: cannot read NIfTI ({e})") from None
@@ -155,23 +199,32 @@ def predict_volume(model: Segmenter, f: Path, root: Path, out: Path, batch_size:
         data = data[..., 0]
     if data.ndim != 3:
         raise CamsegError(f"{f}: volume has shape {data.shape}; expected 3D")
-    wins = parse_windows(windows or ("brain,subdural,bone" if model.base_channels == 3 else "brain"))
+    wins = parse_windows(
+        windows or ("brain,subdural,bone" if model.base_channels == 3 else "brain")
+    )
     if len(wins) != model.base_channels:
-        raise CamsegError(f"windows={windows}: {len(wins)} window(s) but the model takes {model.base_channels} channel(s) per slice")
+        raise CamsegError(
+            f"windows={windows}: {len(wins)} window(s) but the model takes {model.base_channels} channel(s) per slice"
+        )
     start = io_orientation(img.affine)
     ras = axcodes2ornt(("R", "A", "S"))
     canonical = apply_orientation(data, ornt_transform(start, ras))
-    planes = [apply_windows(display_slice(canonical[:, :, z]), wins) for z in range(canonical.shape[2])]
+    planes = [
+        apply_windows(display_slice(canonical[:, :, z]), wins) for z in range(canonical.shape[2])
+    ]
     planes = [p[..., None] if p.ndim == 2 else p for p in planes]
     k, n = model.context_slices, len(planes)
-    stacked = [np.concatenate([planes[min(max(z + d, 0), n - 1)] for d in range(-k, k + 1)], axis=2) for z in range(n)]
+    stacked = [
+        np.concatenate([planes[min(max(z + d, 0), n - 1)] for d in range(-k, k + 1)], axis=2)
+        for z in range(n)
+    ]
     masks: list[np.ndarray] = []
     for chunk in _batches(stacked, batch_size):
         masks += model.predict(chunk)
     # Undo the display transform (row 0 anterior, column 0 right) back to canonical x, y.
     vol = np.stack([m[::-1, ::-1].T for m in masks], axis=2).astype(np.uint8)
     vol = apply_orientation(vol, ornt_transform(ras, start))
-    header = img.header.copy()
+    header: Any = img.header.copy()
     header.set_data_dtype(np.uint8)
     mask_img = nib.Nifti1Image(vol, img.affine, header)
     dest = out / f"{_name(f, root)}_mask.nii.gz"
@@ -202,7 +255,9 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         raise CamsegError(f"unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
     for req in ("ckpt", "input", "output"):
         if req not in args:
-            raise CamsegError(f"missing {req}=...; usage: camseg-predict ckpt=CKPT input=DIR_OR_FILE output=DIR")
+            raise CamsegError(
+                f"missing {req}=...; usage: camseg-predict ckpt=CKPT input=DIR_OR_FILE output=DIR"
+            )
     return args
 
 

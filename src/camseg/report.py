@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +40,22 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
     lines = [f"# camseg report: `{run.name}`", ""]
     lines += ["| stage | status | wall time (s) |", "|---|---|---|"]
     for stage, done in (("cls", cls_m), ("pseudo", manifest), ("seg", seg_m)):
-        lines.append(f"| {stage} | {'done' if done else 'not run'} | {_fmt(all_timings.get(stage))} |")
+        lines.append(
+            f"| {stage} | {'done' if done else 'not run'} | {_fmt(all_timings.get(stage))} |"
+        )
     lines.append("")
     if cls_m:
-        lines += ["## Stage 1: classifier", "", f"Best checkpoint by `{cls_m['monitor']}` after {cls_m['epochs']} epochs; patients per split: {cls_m['patients']}.", ""]
+        lines += [
+            "## Stage 1: classifier",
+            "",
+            f"Best checkpoint by `{cls_m['monitor']}` after {cls_m['epochs']} epochs; patients per split: {cls_m['patients']}.",
+            "",
+        ]
         lines += ["| metric | val | test |", "|---|---|---|"]
         for key in ("auroc", "ap", "f1", "acc", "loss"):
-            lines.append(f"| {key} | {_fmt(cls_m['val'].get(f'val/{key}'))} | {_fmt(cls_m['test'].get(f'test/{key}'))} |")
+            lines.append(
+                f"| {key} | {_fmt(cls_m['val'].get(f'val/{key}'))} | {_fmt(cls_m['test'].get(f'test/{key}'))} |"
+            )
         lines.append("")
     if manifest:
         cam = manifest["cam"]
@@ -75,26 +83,51 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
             ]
     if seg_m:
         test = seg_m.get("test", {})
-        lines += ["## Stage 3: segmenter", "", f"`{seg_m.get('arch')}` / `{seg_m.get('encoder')}`, monitor `{seg_m.get('monitor')}`, {seg_m.get('epochs')} epochs.", ""]
-        lines += ["| test patients vs ground truth | Dice | IoU | sensitivity | precision |", "|---|---|---|---|---|"]
+        lines += [
+            "## Stage 3: segmenter",
+            "",
+            f"`{seg_m.get('arch')}` / `{seg_m.get('encoder')}`, monitor `{seg_m.get('monitor')}`, {seg_m.get('epochs')} epochs.",
+            "",
+        ]
+        lines += [
+            "| test patients vs ground truth | Dice | IoU | sensitivity | precision |",
+            "|---|---|---|---|---|",
+        ]
         lines.append(
             f"| segmenter | {_fmt(test.get('test/dice'))} | {_fmt(test.get('test/iou'))} | {_fmt(test.get('test/sensitivity'))} | {_fmt(test.get('test/precision'))} |"
         )
         if "test/dice_patient_mean" in test:
             lines.append("")
-            lines.append(f"Per patient Dice: {_fmt(test['test/dice_patient_mean'])} ± {_fmt(test.get('test/dice_patient_std'))}.")
+            lines.append(
+                f"Per patient Dice: {_fmt(test['test/dice_patient_mean'])} ± {_fmt(test.get('test/dice_patient_std'))}."
+            )
         if quality:
-            lines += ["", "Pseudo-masks alone vs segmenter (Dice vs ground truth):", "", "| | Dice |", "|---|---|"]
-            lines.append(f"| pseudo-masks (training patients, fg_threshold) | {_fmt(quality['dice'])} |")
+            lines += [
+                "",
+                "Pseudo-masks alone vs segmenter (Dice vs ground truth):",
+                "",
+                "| | Dice |",
+                "|---|---|",
+            ]
+            lines.append(
+                f"| pseudo-masks (training patients, fg_threshold) | {_fmt(quality['dice'])} |"
+            )
             if "train_pseudo_vs_seg" in seg_m:
-                lines.append(f"| segmenter on the same training images | {_fmt(seg_m['train_pseudo_vs_seg'].get('dice'))} |")
+                lines.append(
+                    f"| segmenter on the same training images | {_fmt(seg_m['train_pseudo_vs_seg'].get('dice'))} |"
+                )
             lines.append(f"| segmenter (test patients) | {_fmt(test.get('test/dice'))} |")
         if (run.seg / "figure_grid.png").is_file():
-            lines += ["", "Image / CAM / pseudo-mask / prediction / ground truth:", "", "![grid](seg/figure_grid.png)"]
+            lines += [
+                "",
+                "Image / CAM / pseudo-mask / prediction / ground truth:",
+                "",
+                "![grid](seg/figure_grid.png)",
+            ]
         lines.append("")
     lines += ["## Config", "", "```yaml", OmegaConf.to_yaml(cfg, resolve=True).rstrip(), "```", ""]
     write_text_atomic(run.report, "\n".join(lines))
     return run.report
 
 
-__all__ = ["write_report", "json"]
+__all__ = ["write_report"]

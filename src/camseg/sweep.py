@@ -36,7 +36,9 @@ def _flat(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def write_job_result(job_dir: Path, cfg: DictConfig, run: RunDir, results: dict[str, Any], value: float | None) -> None:
+def write_job_result(
+    job_dir: Path, cfg: DictConfig, run: RunDir, results: dict[str, Any], value: float | None
+) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
@@ -69,7 +71,14 @@ def summarize_sweep(sweep_dir: Path, direction: str = "maximize") -> tuple[Path,
     metric_cols = sorted({k for r in rows for k in r["metrics"]})[:12]
     header = ["rank", "job", str(metric), "overrides", *metric_cols, "run_dir"]
     table = [
-        [i + 1, r["job"], r.get("value"), " ".join(r["overrides"]), *[r["metrics"].get(c) for c in metric_cols], r["run_dir"]]
+        [
+            i + 1,
+            r["job"],
+            r.get("value"),
+            " ".join(r["overrides"]),
+            *[r["metrics"].get(c) for c in metric_cols],
+            r["run_dir"],
+        ]
         for i, r in enumerate(rows)
     ]
     buf = io.StringIO()

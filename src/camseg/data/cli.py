@@ -1,8 +1,8 @@
 """``camseg-data``: check a dataset root, generate the synthetic dataset, convert public datasets.
 
-    camseg-data check ROOT
-    camseg-data synth --out DIR --flavor hemorrhage --patients 40 --slices-per-patient 16 --size 128 --seed 0
-    camseg-data ct-ich SRC --out DST      (also: lidc, folder, lgg-mri; see --help of each)
+camseg-data check ROOT
+camseg-data synth --out DIR --flavor hemorrhage --patients 40 --slices-per-patient 16 --size 128 --seed 0
+camseg-data ct-ich SRC --out DST      (also: lidc, folder, lgg-mri; see --help of each)
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ def _check(args: argparse.Namespace) -> int:
     from camseg.data.folder import load_index, summarize, validate_root
 
     classes = args.classes.split(",") if args.classes else None
-    index = load_index(args.root, classes=classes) if args.quick else validate_root(args.root, classes=classes)
+    index = (
+        load_index(args.root, classes=classes)
+        if args.quick
+        else validate_root(args.root, classes=classes)
+    )
     summary = summarize(index)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -55,25 +59,44 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="camseg-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="camseg-data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="validate a dataset root and print a summary")
     p.add_argument("root", type=Path)
-    p.add_argument("--classes", help="comma-separated class columns (default: all non-reserved columns)")
-    p.add_argument("--quick", action="store_true", help="check labels.csv and file presence only, do not decode images")
+    p.add_argument(
+        "--classes", help="comma-separated class columns (default: all non-reserved columns)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="check labels.csv and file presence only, do not decode images",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_check)
 
-    p = sub.add_parser("synth", help="generate the synthetic CT dataset (deterministic from --seed)")
+    p = sub.add_parser(
+        "synth", help="generate the synthetic CT dataset (deterministic from --seed)"
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--flavor", choices=("hemorrhage", "nodule"), default="hemorrhage")
     p.add_argument("--patients", type=int, default=40)
     p.add_argument("--slices-per-patient", type=int, default=16)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shortcut-marker-prob", type=float, default=0.0, help="label-correlated corner marker (a shortcut for CAMs to expose)")
-    p.add_argument("--lesion-prob", type=float, default=0.5, help="fraction of slices with a lesion")
+    p.add_argument(
+        "--shortcut-marker-prob",
+        type=float,
+        default=0.0,
+        help="label-correlated corner marker (a shortcut for CAMs to expose)",
+    )
+    p.add_argument(
+        "--lesion-prob", type=float, default=0.5, help="fraction of slices with a lesion"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_synth)
 

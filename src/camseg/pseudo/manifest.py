@@ -59,14 +59,20 @@ def load_manifest(
         check_files: every listed mask file must exist.
     """
     if not path.is_file():
-        raise ManifestError(f"{path} not found: run stage 'pseudo' first (camseg stages=[pseudo] run_name=...)")
+        raise ManifestError(
+            f"{path} not found: run stage 'pseudo' first (camseg stages=[pseudo] run_name=...)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON ({e}); re-run stage pseudo with force=true") from None
+        raise ManifestError(
+            f"{path}: not valid JSON ({e}); re-run stage pseudo with force=true"
+        ) from None
     missing = [k for k in REQUIRED if k not in data]
     if missing:
-        raise ManifestError(f"{path}: missing field(s) {missing}; re-run stage pseudo with force=true")
+        raise ManifestError(
+            f"{path}: missing field(s) {missing}; re-run stage pseudo with force=true"
+        )
     if data["schema_version"] != MANIFEST_SCHEMA_VERSION:
         raise ManifestError(
             f"{path}: schema_version {data['schema_version']} is not the supported {MANIFEST_SCHEMA_VERSION}; "
@@ -80,7 +86,9 @@ def load_manifest(
     if checkpoint is not None:
         recorded = data["classifier"].get("sha256")
         if not checkpoint.is_file():
-            raise ManifestError(f"{path}: its classifier checkpoint {checkpoint} is gone; re-run stages cls and pseudo")
+            raise ManifestError(
+                f"{path}: its classifier checkpoint {checkpoint} is gone; re-run stages cls and pseudo"
+            )
         actual = sha256_file(checkpoint)
         if recorded != actual:
             raise ManifestError(
@@ -96,10 +104,14 @@ def load_manifest(
                 f"not of data.root={dataset_root}; use the same data config or re-run stage pseudo"
             )
     if classes is not None and m.classes != list(classes):
-        raise ManifestError(f"{path}: classes {m.classes} differ from the dataset's {list(classes)}")
+        raise ManifestError(
+            f"{path}: classes {m.classes} differ from the dataset's {list(classes)}"
+        )
     if check_files:
         for s in m.samples:
             p = m.root / s["mask"]
             if not p.is_file():
-                raise ManifestError(f"{path}: mask {p} of sample '{s['id']}' is missing; re-run stage pseudo to complete it")
+                raise ManifestError(
+                    f"{path}: mask {p} of sample '{s['id']}' is missing; re-run stage pseudo to complete it"
+                )
     return m

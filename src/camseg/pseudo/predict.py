@@ -24,7 +24,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from camseg.cam import PseudoMaskPolicy
 from camseg.cam.base import CamMethod
 from camseg.constants import IGNORE_INDEX
-from camseg.utils.io import read_image, read_mask, save_npz_atomic, save_png_atomic, write_json_atomic
+from camseg.utils.io import (
+    read_image,
+    read_mask,
+    save_npz_atomic,
+    save_png_atomic,
+    write_json_atomic,
+)
 from camseg.utils.overlay import pseudo_overlay
 
 log = logging.getLogger(__name__)
@@ -38,7 +44,13 @@ class CamPredictModule(L.LightningModule):
     needs no image (no CRF), else None.
     """
 
-    def __init__(self, model: torch.nn.Module, engine: CamMethod, policy: PseudoMaskPolicy, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        engine: CamMethod,
+        policy: PseudoMaskPolicy,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
         self.engine = engine
@@ -50,7 +62,9 @@ class CamPredictModule(L.LightningModule):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any]:
         images, labels = batch["image"], batch["labels"]
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -63,18 +77,27 @@ class CamPredictModule(L.LightningModule):
         if bool((sizes == sizes[0]).all()):
             h0, w0 = (int(v) for v in sizes[0])
             if (h0, w0) != tuple(cams.shape[-2:]):
-                cams = F.interpolate(cams, size=(h0, w0), mode="bilinear", align_corners=False).clamp_(0, 1)
+                cams = F.interpolate(
+                    cams, size=(h0, w0), mode="bilinear", align_corners=False
+                ).clamp_(0, 1)
             masks = self.policy(cams, labels) if self.policy.crf is None else None
             out_cams = list(cams.half().cpu())
             out_masks = list(masks.cpu()) if masks is not None else [None] * len(out_cams)
         else:
             out_cams, out_masks = [], []
             for c, lab, (h, w) in zip(cams, labels, sizes.tolist(), strict=True):
-                c = F.interpolate(c[None], size=(h, w), mode="bilinear", align_corners=False).clamp_(0, 1)
+                c = F.interpolate(
+                    c[None], size=(h, w), mode="bilinear", align_corners=False
+                ).clamp_(0, 1)
                 m = self.policy(c, lab[None])[0] if self.policy.crf is None else None
                 out_cams.append(c[0].half().cpu())
                 out_masks.append(m.cpu() if m is not None else None)
-        return {"ids": list(batch["id"]), "labels": labels.cpu(), "cams": out_cams, "masks": out_masks}
+        return {
+            "ids": list(batch["id"]),
+            "labels": labels.cpu(),
+            "cams": out_cams,
+            "masks": out_masks,
+        }
 
 
 @dataclass
@@ -100,7 +123,9 @@ def sample_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> list[li
     return out
 
 
-def sweep_counts(cams: np.ndarray, labels: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]) -> list[list[list[int]]]:
+def sweep_counts(
+    cams: np.ndarray, labels: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]
+) -> list[list[list[int]]]:
     """Counts per threshold of the CAM-only segmentation ``argmax over present classes where >= t``."""
     k = cams.shape[0]
     present = labels.astype(bool)
@@ -152,7 +177,9 @@ class PseudoLabelWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for sub in ("masks", "rows", "overlays") + (("cams",) if self.save_cams else ()):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="camseg-writer")
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix="camseg-writer"
+        )
 
     def write_on_batch_end(
         self,
@@ -182,14 +209,23 @@ class PseudoLabelWriter(BasePredictionWriter):
             self._pending.pop(0).result()
             self.written += 1
 
-    def _write_one(self, sid: str, cams: np.ndarray, mask: np.ndarray | None, labels: np.ndarray) -> None:
+    def _write_one(
+        self, sid: str, cams: np.ndarray, mask: np.ndarray | None, labels: np.ndarray
+    ) -> None:
         info = self.samples[sid]
         image = None
         if mask is None or sid in self.overlay_ids:
             image = read_image(info.image_path)
         if mask is None:
-            img_t = torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(2, 0, 1)[None]
-            mask = self.policy(torch.from_numpy(cams.astype(np.float32))[None], torch.from_numpy(labels)[None], img_t)[0].numpy()
+            assert image is not None
+            img_t = torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(
+                2, 0, 1
+            )[None]
+            mask = self.policy(
+                torch.from_numpy(cams.astype(np.float32))[None],
+                torch.from_numpy(labels)[None],
+                img_t,
+            )[0].numpy()
         mask = mask.astype(np.uint8)
         save_png_atomic(self.out / "masks" / f"{sid}.png", mask)
         if self.save_cams:
@@ -207,15 +243,23 @@ class PseudoLabelWriter(BasePredictionWriter):
         if info.gt_path is not None:
             gt = read_mask(info.gt_path)
             if gt.shape != mask.shape:
-                raise ValueError(f"{info.gt_path}: mask size {gt.shape} differs from its image {mask.shape}")
+                raise ValueError(
+                    f"{info.gt_path}: mask size {gt.shape} differs from its image {mask.shape}"
+                )
             row["quality"] = {
                 "counts": sample_counts(mask, gt, self.num_classes),
                 "sweep": sweep_counts(cams.astype(np.float32), labels, gt, self.thresholds),
             }
         if sid in self.overlay_ids:
             assert image is not None
-            cam_map = (cams.astype(np.float32) * labels[:, None, None]).max(axis=0) if labels.any() else np.zeros(mask.shape, np.float32)
-            save_png_atomic(self.out / "overlays" / f"{sid}.png", pseudo_overlay(image, cam_map, mask, gt))
+            cam_map = (
+                (cams.astype(np.float32) * labels[:, None, None]).max(axis=0)
+                if labels.any()
+                else np.zeros(mask.shape, np.float32)
+            )
+            save_png_atomic(
+                self.out / "overlays" / f"{sid}.png", pseudo_overlay(image, cam_map, mask, gt)
+            )
         write_json_atomic(self.out / "rows" / f"{sid}.json", row)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -20,7 +20,12 @@ def _dice_iou(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dice, iou
 
 
-def compute_quality(rows: Sequence[dict[str, Any]], classes: list[str], thresholds: Sequence[float], fg_threshold: float) -> dict[str, Any] | None:
+def compute_quality(
+    rows: Sequence[dict[str, Any]],
+    classes: list[str],
+    thresholds: Sequence[float],
+    fg_threshold: float,
+) -> dict[str, Any] | None:
     """Dataset-level Dice/IoU of the pseudo-masks (ignore counted as not foreground) and the threshold sweep.
 
     Counts are summed over all samples with ground truth, then Dice per class, then the
@@ -49,7 +54,13 @@ def compute_quality(rows: Sequence[dict[str, Any]], classes: list[str], threshol
         "recall": float(np.nanmean(recall)) if np.isfinite(recall).any() else None,
         "ignore_fraction": ignore,
         "per_class": {
-            c: {"dice": float(dice[k]), "iou": float(iou[k]), "tp": int(tp[k]), "fp": int(fp[k]), "fn": int(fn[k])}
+            c: {
+                "dice": float(dice[k]),
+                "iou": float(iou[k]),
+                "tp": int(tp[k]),
+                "fp": int(fp[k]),
+                "fn": int(fn[k]),
+            }
             for k, c in enumerate(classes)
         },
         "sweep": {
@@ -76,8 +87,16 @@ def plot_sweep(quality: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
     ax.plot(sw["thresholds"], sw["dice"], marker="o", label="Dice (macro)")
     ax.plot(sw["thresholds"], sw["iou"], marker="s", label="IoU (macro)")
-    ax.axvline(quality["fg_threshold"], color="grey", ls="--", lw=1, label=f"fg_threshold={quality['fg_threshold']}")
-    ax.axvline(sw["best_threshold"], color="green", ls=":", lw=1, label=f"best={sw['best_threshold']}")
+    ax.axvline(
+        quality["fg_threshold"],
+        color="grey",
+        ls="--",
+        lw=1,
+        label=f"fg_threshold={quality['fg_threshold']}",
+    )
+    ax.axvline(
+        sw["best_threshold"], color="green", ls=":", lw=1, label=f"best={sw['best_threshold']}"
+    )
     ax.set_xlabel("CAM threshold")
     ax.set_ylabel("score vs ground truth")
     ax.set_ylim(0, 1)

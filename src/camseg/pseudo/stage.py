@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,13 @@ def build_engine(cfg: DictConfig, model: Any, multilabel: bool) -> tuple[Any, di
     if method == "ensemble":
         members = list(c.get("methods") or [])
         if not members:
-            raise ConfigError("cam.method=ensemble needs cam.methods, e.g. cam.methods=[cam,layercam]")
-        uses_layer = any(str(m) in GRADIENT_METHODS + ("scorecam",) for m in members)
-        kwargs.update(methods=members, fusion=str(c.get("fusion", "mean")), weights=c.get("weights"))
+            raise ConfigError(
+                "cam.method=ensemble needs cam.methods, e.g. cam.methods=[cam,layercam]"
+            )
+        uses_layer = any(str(m) in (*GRADIENT_METHODS, "scorecam") for m in members)
+        kwargs.update(
+            methods=members, fusion=str(c.get("fusion", "mean")), weights=c.get("weights")
+        )
     if uses_layer:
         target_layer = target_layer or default_target_layer(model)
         kwargs["target_layer"] = target_layer
@@ -72,17 +76,23 @@ def build_policy(cfg: DictConfig, multilabel: bool) -> PseudoMaskPolicy:
         bg_threshold=float(p.bg_threshold),
         multilabel=multilabel,
         min_component_size=int(p.get("min_component_size", 0)),
-        crf=crf,
+        crf=crf,  # type: ignore[arg-type]
     )
 
 
-def _provenance(cfg: DictConfig, run: RunDir, dm: Any, cam_desc: dict[str, Any], policy: PseudoMaskPolicy) -> dict[str, Any]:
+def _provenance(
+    cfg: DictConfig, run: RunDir, dm: Any, cam_desc: dict[str, Any], policy: PseudoMaskPolicy
+) -> dict[str, Any]:
     return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "camseg_version": __version__,
         "run_name": run.name,
         # Relative to the run directory, so a moved run directory stays valid.
-        "classifier": {"checkpoint": os.path.relpath(run.cls_best, run.root), "sha256": sha256_file(run.cls_best), "classes": dm.classes},
+        "classifier": {
+            "checkpoint": os.path.relpath(run.cls_best, run.root),
+            "sha256": sha256_file(run.cls_best),
+            "classes": dm.classes,
+        },
         "cam": cam_desc,
         "policy": {
             "fg_threshold": policy.fg_threshold,
@@ -156,7 +166,9 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     if prov_path.is_file():
         old = read_json(prov_path)
         if _fingerprint(old) != _fingerprint(provenance):
-            changed = sorted(k for k in provenance if _fingerprint(old).get(k) != _fingerprint(provenance)[k])
+            changed = sorted(
+                k for k in provenance if _fingerprint(old).get(k) != _fingerprint(provenance)[k]
+            )
             raise CamsegError(
                 f"{out}: existing pseudo-labels were made with other settings ({', '.join(changed)} differ); "
                 "run with force=true to rebuild them, or use another run_name"
@@ -167,14 +179,27 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     all_samples = dm.samples(dm.predict_split)
     done = {p.stem for p in (out / "rows").glob("*.json")} if (out / "rows").is_dir() else set()
     todo = [s for s in all_samples if s.id not in done]
-    log.info("stage pseudo: %d samples, %d already done, %d to go", len(all_samples), len(all_samples) - len(todo), len(todo))
+    log.info(
+        "stage pseudo: %d samples, %d already done, %d to go",
+        len(all_samples),
+        len(all_samples) - len(todo),
+        len(todo),
+    )
     if todo:
         assert dm.index is not None
         infos = {
-            s.id: SampleInfo(s.id, s.image, dm.index.path(s.image), dm.index.path(s.mask) if s.mask else None, s.group)
+            s.id: SampleInfo(
+                s.id,
+                s.image,
+                dm.index.path(s.image),
+                dm.index.path(s.mask) if s.mask else None,
+                s.group,
+            )
             for s in all_samples
         }
-        overlay_ids = choose_overlays([(s.id, s.labels) for s in all_samples], int(cfg.pseudo.get("overlays", 0)))
+        overlay_ids = choose_overlays(
+            [(s.id, s.labels) for s in all_samples], int(cfg.pseudo.get("overlays", 0))
+        )
         writer = PseudoLabelWriter(
             out,
             infos,
@@ -187,17 +212,21 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         todo_ids = {s.id for s in todo}
         dataset = dm.dataset(dm.predict_split, train=False)
         dataset.items = [it for it in dataset.items if it.id in todo_ids]
-        loader = dm._loader(dataset, shuffle=False, batch_size=int(cfg.pseudo.get("batch_size", dm.eval_batch_size)))
-        module = CamPredictModule(model, engine, policy, channels_last=bool(cfg.model.get("channels_last", False)))
+        loader = dm._loader(
+            dataset, shuffle=False, batch_size=int(cfg.pseudo.get("batch_size", dm.eval_batch_size))
+        )
+        module = CamPredictModule(
+            model, engine, policy, channels_last=bool(cfg.model.get("channels_last", False))
+        )
         trainer = build_trainer(
             cfg,
             out,
             callbacks=False,
             loggers=False,
-            inference_mode=cfg.cam.method not in GRADIENT_METHODS + ("ensemble",),
+            inference_mode=cfg.cam.method not in (*GRADIENT_METHODS, "ensemble"),
             max_epochs=None,
         )
-        trainer.callbacks.append(writer)
+        trainer.callbacks.append(writer)  # type: ignore[attr-defined]
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
@@ -205,7 +234,9 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     return finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
 
 
-def finalize(cfg: DictConfig, run: RunDir, provenance: dict[str, Any], ids: list[str], classes: list[str]) -> dict[str, Any]:
+def finalize(
+    cfg: DictConfig, run: RunDir, provenance: dict[str, Any], ids: list[str], classes: list[str]
+) -> dict[str, Any]:
     """Merge the per-sample rows into manifest.json (sorted by id) and write quality.json."""
     out = run.pseudo
     rows = []
@@ -217,10 +248,14 @@ def finalize(cfg: DictConfig, run: RunDir, provenance: dict[str, Any], ids: list
             continue
         rows.append(json.loads(p.read_text(encoding="utf-8")))
     if missing:
-        raise CamsegError(f"{out}: {len(missing)} samples have no pseudo-label (e.g. {missing[0]}); run stage pseudo again to finish")
+        raise CamsegError(
+            f"{out}: {len(missing)} samples have no pseudo-label (e.g. {missing[0]}); run stage pseudo again to finish"
+        )
     manifest = dict(provenance)
     manifest["samples"] = [{k: v for k, v in r.items() if k != "quality"} for r in rows]
-    quality = compute_quality(rows, classes, list(cfg.pseudo.sweep_thresholds), float(cfg.pseudo.fg_threshold))
+    quality = compute_quality(
+        rows, classes, list(cfg.pseudo.sweep_thresholds), float(cfg.pseudo.fg_threshold)
+    )
     if quality is not None:
         write_quality(quality, out)
     # Written last: a manifest on disk means the stage is complete.
@@ -237,6 +272,9 @@ def finalize(cfg: DictConfig, run: RunDir, provenance: dict[str, Any], ids: list
         }
         log.info(
             "stage pseudo: Dice %.3f at fg_threshold=%.2f; best sweep Dice %.3f at %.2f",
-            quality["dice"], quality["fg_threshold"], quality["sweep"]["best_dice"], quality["sweep"]["best_threshold"],
+            quality["dice"],
+            quality["fg_threshold"],
+            quality["sweep"]["best_dice"],
+            quality["sweep"]["best_threshold"],
         )
     return result

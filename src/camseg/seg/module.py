@@ -45,9 +45,13 @@ def build_segmentation_net(
     except TypeError as e:
         raise ConfigError(f"seg.model_kwargs: {e}") from None
     except KeyError as e:
-        raise ConfigError(f"seg.arch='{arch}' / seg.encoder_name='{encoder_name}': unknown to segmentation-models-pytorch ({e})") from None
+        raise ConfigError(
+            f"seg.arch='{arch}' / seg.encoder_name='{encoder_name}': unknown to segmentation-models-pytorch ({e})"
+        ) from None
     except Exception as e:
-        if encoder_weights and any(s in str(e).lower() for s in ("url", "connection", "resolve", "http", "network")):
+        if encoder_weights and any(
+            s in str(e).lower() for s in ("url", "connection", "resolve", "http", "network")
+        ):
             raise ConfigError(
                 f"seg.encoder_weights={encoder_weights}: download failed ({type(e).__name__}); no internet? set seg.encoder_weights=null"
             ) from None
@@ -107,7 +111,9 @@ class SegmenterModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = self.loss_fn(logits, batch["mask"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits)
+        )
         return loss
 
     def _eval_step(self, batch: dict[str, Any], split: str, metrics: SegMetrics) -> torch.Tensor:
@@ -117,8 +123,17 @@ class SegmenterModule(L.LightningModule):
             sel = has.bool()
             target = batch["mask"][sel]
             loss = self.loss_fn(logits[sel], target)
-            self.log(f"{split}/loss", loss, on_epoch=True, batch_size=int(sel.sum()), sync_dist=True)
-            metrics.update(logits[sel].argmax(1), target, group_ids([g for g, s in zip(batch["group"], sel.tolist(), strict=True) if s], device=self.device))
+            self.log(
+                f"{split}/loss", loss, on_epoch=True, batch_size=int(sel.sum()), sync_dist=True
+            )
+            metrics.update(
+                logits[sel].argmax(1),
+                target,
+                group_ids(
+                    [g for g, s in zip(batch["group"], sel.tolist(), strict=True) if s],
+                    device=self.device,
+                ),
+            )
         return logits
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -147,7 +162,9 @@ class SegmenterModule(L.LightningModule):
             preds.append(pred)
             if bool(has[i]) and full is not None:
                 gt = full[i].to(pred.device)[None]
-                self.test_metrics.update(pred[None], gt, group_ids([batch["group"][i]], device=self.device))
+                self.test_metrics.update(
+                    pred[None], gt, group_ids([batch["group"][i]], device=self.device)
+                )
         if self.predictions_dir is not None:
             self._write_predictions(batch, preds)
 
@@ -162,8 +179,12 @@ class SegmenterModule(L.LightningModule):
                 image = to_rgb(read_image(batch["image_path"][i]))
                 right = draw_contours(image, p)
                 if full is not None and bool(batch["has_mask"][i]):
-                    right = draw_contours(right, full[i].cpu().numpy().astype(np.uint8), colour=GT_COLOUR)
-                save_png_atomic(self.predictions_dir / "overlays" / f"{sid}.png", panel(image, right))
+                    right = draw_contours(
+                        right, full[i].cpu().numpy().astype(np.uint8), colour=GT_COLOUR
+                    )
+                save_png_atomic(
+                    self.predictions_dir / "overlays" / f"{sid}.png", panel(image, right)
+                )
                 self._overlays_written += 1
 
     def on_test_epoch_end(self) -> None:
@@ -177,13 +198,20 @@ class SegmenterModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": self.scheduler_factory(optimizer=optimizer),
+                "interval": "epoch",
+            },
+        }
 
     @torch.no_grad()
-    def probabilities(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def probabilities(
+        self, images: torch.Tensor, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Softmax (B,K+1,H,W), optionally resized to ``size``."""
         logits = self(images).float()
         if size is not None and tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits.softmax(1)
-

@@ -29,7 +29,9 @@ from camseg.utils.overlay import GT_COLOUR, cam_overlay, draw_contours, panel, t
 log = logging.getLogger(__name__)
 
 
-def check_manifest_masks(manifest: Manifest, dm: CamSegDataModule, skip_unlabelled: bool) -> dict[str, Path]:
+def check_manifest_masks(
+    manifest: Manifest, dm: CamSegDataModule, skip_unlabelled: bool
+) -> dict[str, Path]:
     """Mask paths of the training samples, after checking sizes and that each mask labels something."""
     assert dm.index is not None
     by_id = dm.index.by_id()
@@ -39,7 +41,9 @@ def check_manifest_masks(manifest: Manifest, dm: CamSegDataModule, skip_unlabell
     for row in manifest.samples:
         sid = row["id"]
         if sid not in by_id:
-            raise ManifestError(f"{manifest.path}: sample '{sid}' is not in dataset {dm.root}; the manifest is of another dataset")
+            raise ManifestError(
+                f"{manifest.path}: sample '{sid}' is not in dataset {dm.root}; the manifest is of another dataset"
+            )
         if sid not in train_ids:
             continue
         mpath = manifest.root / row["mask"]
@@ -59,7 +63,9 @@ def check_manifest_masks(manifest: Manifest, dm: CamSegDataModule, skip_unlabell
             continue
         masks[sid] = mpath
     if skipped:
-        log.warning("stage seg: %d all-ignore pseudo-masks left out (e.g. %s)", len(skipped), skipped[0])
+        log.warning(
+            "stage seg: %d all-ignore pseudo-masks left out (e.g. %s)", len(skipped), skipped[0]
+        )
     if not masks:
         raise ManifestError(f"{manifest.path}: no training sample with a usable pseudo-mask")
     return masks
@@ -73,7 +79,9 @@ def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule
         "encoder_weights": s.get("encoder_weights"),
         "in_channels": dm.in_channels,
         "num_classes": dm.num_classes,
-        "model_kwargs": OmegaConf.to_container(s.model_kwargs, resolve=True) if s.get("model_kwargs") else {},
+        "model_kwargs": OmegaConf.to_container(s.model_kwargs, resolve=True)
+        if s.get("model_kwargs")
+        else {},
     }
     data_cfg = {
         "image_size": dm.image_size,
@@ -100,7 +108,11 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     """Train stage 3 (``seg.rounds`` rounds) into ``run/seg``; returns ``metrics.json``'s content."""
     out = run.seg
     metrics_path = out / "metrics.json"
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run.seg_last) if "seg" in list(cfg.stages) and "cls" not in list(cfg.stages) else None
+    ckpt_path = (
+        resolve_ckpt_path(cfg.get("ckpt_path"), run.seg_last)
+        if "seg" in list(cfg.stages) and "cls" not in list(cfg.stages)
+        else None
+    )
     force = bool(cfg.get("force", False))
     if metrics_path.is_file() and ckpt_path is None and not force:
         log.info("stage seg: already complete (%s); force=true retrains", metrics_path)
@@ -108,7 +120,12 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     run.require(run.manifest, "pseudo")
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    manifest = load_manifest(run.manifest, checkpoint=run.cls_best if run.cls_best.exists() else None, dataset_root=dm.root, classes=dm.classes)
+    manifest = load_manifest(
+        run.manifest,
+        checkpoint=run.cls_best if run.cls_best.exists() else None,
+        dataset_root=dm.root,
+        classes=dm.classes,
+    )
     masks = check_manifest_masks(manifest, dm, bool(cfg.seg.get("skip_unlabelled", False)))
     val_has_gt = any(s.mask for s in dm.samples("val"))
     monitor = str(cfg.seg.get("monitor", "auto"))
@@ -117,17 +134,24 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     else:
         mode = "min" if "loss" in monitor else "max"
     log.info(
-        "stage seg: best checkpoint by %s (%s)", monitor,
-        "validation patients have ground-truth masks" if val_has_gt else "no ground truth in validation: loss on pseudo-masks",
+        "stage seg: best checkpoint by %s (%s)",
+        monitor,
+        "validation patients have ground-truth masks"
+        if val_has_gt
+        else "no ground truth in validation: loss on pseudo-masks",
     )
     rounds = int(cfg.seg.get("rounds", 1))
     if rounds < 1:
         raise ConfigError(f"seg.rounds={rounds}: must be >= 1")
     devices = cfg.trainer.get("devices", 1)
-    if rounds > 1 and (int(cfg.trainer.get("num_nodes", 1)) > 1 or (isinstance(devices, int) and devices > 1)):
-        raise ConfigError("seg.rounds > 1 (self-training) runs on one device; use trainer.devices=1 or seg.rounds=1")
+    if rounds > 1 and (
+        int(cfg.trainer.get("num_nodes", 1)) > 1 or (isinstance(devices, int) and devices > 1)
+    ):
+        raise ConfigError(
+            "seg.rounds > 1 (self-training) runs on one device; use trainer.devices=1 or seg.rounds=1"
+        )
     t0 = time.time()
-    history = []
+    history: list[dict[str, Any]] = []
     for r in range(1, rounds + 1):
         stage_dir = out if r == rounds else out / f"round{r}"
         dm.train_masks = masks
@@ -135,21 +159,34 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         module = _module(cfg, dm, stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, stage_dir / "config.yaml")
-        trainer = build_trainer(cfg, stage_dir, max_epochs=int(cfg.seg.max_epochs), monitor=monitor, mode=mode)
+        trainer = build_trainer(
+            cfg, stage_dir, max_epochs=int(cfg.seg.max_epochs), monitor=monitor, mode=mode
+        )
         resume = ckpt_path if r == rounds else None
-        if resume is None and (stage_dir / "checkpoints" / "last.ckpt").is_file() and not (stage_dir / "metrics.json").is_file() and not force:
+        if (
+            resume is None
+            and (stage_dir / "checkpoints" / "last.ckpt").is_file()
+            and not (stage_dir / "metrics.json").is_file()
+            and not force
+        ):
             resume = str(stage_dir / "checkpoints" / "last.ckpt")
             log.info("stage seg: resuming round %d from %s", r, resume)
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
         best = stage_dir / "checkpoints" / "best.ckpt"
         if not best.is_file():
             best = stage_dir / "checkpoints" / "last.ckpt"
-        val = trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False) if val_has_gt else [{}]
+        val = (
+            trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+            if val_has_gt
+            else [{}]
+        )
         test = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
         if not trainer.is_global_zero:
             return {}
-        train_cmp, relabel = evaluate_train(module, dm, manifest, stage_dir, cfg, relabel=r < rounds)
-        result = {
+        train_cmp, relabel = evaluate_train(
+            module, dm, manifest, stage_dir, cfg, relabel=r < rounds
+        )
+        result: dict[str, Any] = {
             "stage": "seg",
             "round": r,
             "arch": str(cfg.seg.arch),
@@ -165,19 +202,36 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         if r < rounds:
             write_json_atomic(stage_dir / "metrics.json", result)
             masks = relabel
-            log.info("stage seg: round %d test Dice %.4f; relabelled %d training images", r, result["test"].get("test/dice", float("nan")), len(masks))
+            log.info(
+                "stage seg: round %d test Dice %.4f; relabelled %d training images",
+                r,
+                result["test"].get("test/dice", float("nan")),
+                len(masks),
+            )
     final = dict(history[-1])
     final["fit_seconds"] = round(time.time() - t0, 1)
     if rounds > 1:
-        final["rounds"] = [{"round": h["round"], "test/dice": h["test"].get("test/dice")} for h in history]
+        final["rounds"] = [
+            {"round": h["round"], "test/dice": h["test"].get("test/dice")} for h in history
+        ]
     write_json_atomic(metrics_path, final)
-    log.info("stage seg: test Dice %.4f IoU %.4f -> %s", final["test"].get("test/dice", float("nan")), final["test"].get("test/iou", float("nan")), out)
+    log.info(
+        "stage seg: test Dice %.4f IoU %.4f -> %s",
+        final["test"].get("test/dice", float("nan")),
+        final["test"].get("test/iou", float("nan")),
+        out,
+    )
     return final
 
 
 @torch.no_grad()
 def evaluate_train(
-    module: SegmenterModule, dm: CamSegDataModule, manifest: Manifest, out: Path, cfg: DictConfig, relabel: bool
+    module: SegmenterModule,
+    dm: CamSegDataModule,
+    manifest: Manifest,
+    out: Path,
+    cfg: DictConfig,
+    relabel: bool,
 ) -> tuple[dict[str, float] | None, dict[str, Path]]:
     """Segmenter vs ground truth on the pseudo-labelled training images (the "pseudo-masks alone vs
     segmenter" comparison), the figure grid, and, for self-training, new confident masks."""
@@ -186,11 +240,13 @@ def evaluate_train(
     ids = set(manifest.mask_paths())
     ds = dm.dataset("train", train=False, full_res=True)
     ds.items = [it for it in ds.items if it.id in ids]
-    loader = DataLoader(ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=0, collate_fn=collate)
+    loader = DataLoader(
+        ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=0, collate_fn=collate
+    )
     metric = SegMetrics(dm.num_classes, dm.classes, prefix="")
     confidence = float(cfg.seg.get("self_training_confidence", 0.9))
     new_masks: dict[str, Path] = {}
-    grid_rows = []
+    grid_rows: list[np.ndarray] = []
     want_grid = 6
     rows_by_id = {r["id"]: r for r in manifest.samples}
     for batch in loader:
@@ -216,8 +272,18 @@ def evaluate_train(
                 save_png_atomic(path, new)
                 new_masks[sid] = path
             row = rows_by_id.get(sid)
-            if gt is not None and len(grid_rows) < want_grid and row and any(row["labels"]) and gt.any():
-                grid_rows.append(_grid_row(batch["image_path"][i], manifest, row, pred_np, gt.numpy().astype(np.uint8)))
+            if (
+                gt is not None
+                and len(grid_rows) < want_grid
+                and row
+                and any(row["labels"])
+                and gt.any()
+            ):
+                grid_rows.append(
+                    _grid_row(
+                        batch["image_path"][i], manifest, row, pred_np, gt.numpy().astype(np.uint8)
+                    )
+                )
     if grid_rows:
         save_png_atomic(out / "figure_grid.png", np.concatenate(grid_rows, axis=0))
     if metric.update_count == 0:
@@ -226,7 +292,9 @@ def evaluate_train(
     return {k: float(values[k]) for k in ("dice", "iou", "sensitivity", "precision")}, new_masks
 
 
-def _grid_row(image_path: str, manifest: Manifest, row: dict[str, Any], pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def _grid_row(
+    image_path: str, manifest: Manifest, row: dict[str, Any], pred: np.ndarray, gt: np.ndarray
+) -> np.ndarray:
     image = to_rgb(read_image(image_path))
     cam_path = manifest.root / "cams" / f"{row['id']}.npz"
     if cam_path.is_file():

@@ -57,7 +57,9 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Strict JSON (NaN and infinities become null), written atomically."""
-    text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    text = json.dumps(
+        _finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False
+    )
     write_text_atomic(path, text + "\n")
 
 
@@ -100,7 +102,7 @@ def save_png_atomic(path: str | os.PathLike[str], array: np.ndarray) -> None:
 
 def save_npz_atomic(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     write_bytes_atomic(path, buf.getvalue())
 
 
@@ -117,9 +119,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
             arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
             return arr.round().astype(np.uint8)
         if im.mode not in ("L", "RGB"):
-            im = im.convert("RGBA" if "A" in im.mode else "RGB")
-            if im.mode == "RGBA":
-                im = im.convert("RGB")
+            # Alpha is dropped; palette and other modes become RGB.
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
         return np.asarray(im, dtype=np.uint8).copy()
 
 
@@ -128,7 +129,9 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     with Image.open(path) as im:
         im.load()
         if im.mode not in ("L", "P", "1"):
-            raise ValueError(f"{path}: mask must be a single-channel PNG with class indices, got mode {im.mode}")
+            raise ValueError(
+                f"{path}: mask must be a single-channel PNG with class indices, got mode {im.mode}"
+            )
         arr = np.asarray(im.convert("L") if im.mode == "1" else im, dtype=np.uint8)
         if im.mode == "1":
             arr = (arr > 0).astype(np.uint8)

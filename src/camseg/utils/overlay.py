@@ -6,7 +6,9 @@ import numpy as np
 from matplotlib import colormaps
 
 # Contour colours: class k uses PALETTE[(k-1) % len]; ignore regions are outlined in grey.
-PALETTE = np.array([[0, 255, 0], [255, 0, 255], [0, 200, 255], [255, 200, 0], [255, 80, 80]], dtype=np.uint8)
+PALETTE = np.array(
+    [[0, 255, 0], [255, 0, 255], [0, 200, 255], [255, 200, 0], [255, 80, 80]], dtype=np.uint8
+)
 GT_COLOUR = np.array([255, 255, 0], dtype=np.uint8)
 IGNORE_COLOUR = np.array([160, 160, 160], dtype=np.uint8)
 
@@ -48,7 +50,9 @@ def boundary(region: np.ndarray) -> np.ndarray:
     return r & ~inner
 
 
-def draw_contours(rgb: np.ndarray, mask: np.ndarray, colour: np.ndarray | None = None, ignore_index: int = 255) -> np.ndarray:
+def draw_contours(
+    rgb: np.ndarray, mask: np.ndarray, colour: np.ndarray | None = None, ignore_index: int = 255
+) -> np.ndarray:
     """Outline every class of ``mask`` (and its ignore region) on a copy of ``rgb``."""
     out = rgb.copy()
     if (mask == ignore_index).any():
@@ -56,7 +60,9 @@ def draw_contours(rgb: np.ndarray, mask: np.ndarray, colour: np.ndarray | None =
     for k in np.unique(mask):
         if k in (0, ignore_index):
             continue
-        out[boundary(mask == k)] = colour if colour is not None else PALETTE[(int(k) - 1) % len(PALETTE)]
+        out[boundary(mask == k)] = (
+            colour if colour is not None else PALETTE[(int(k) - 1) % len(PALETTE)]
+        )
     return out
 
 
@@ -81,7 +87,9 @@ def panel(*images: np.ndarray, gap: int = 4) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def pseudo_overlay(image: np.ndarray, cam: np.ndarray, mask: np.ndarray, gt: np.ndarray | None = None) -> np.ndarray:
+def pseudo_overlay(
+    image: np.ndarray, cam: np.ndarray, mask: np.ndarray, gt: np.ndarray | None = None
+) -> np.ndarray:
     """[image | CAM heatmap | pseudo-mask contours (+ ground truth in yellow)]."""
     rgb = to_rgb(image)
     right = draw_contours(rgb, mask)
