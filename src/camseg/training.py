@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from camseg.errors import ConfigError
-from camseg.utils.io import write_text_atomic
+from camseg.utils.io import write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 
-def build_callbacks(cfg: DictConfig, stage_dir: Path, monitor: str | None, mode: str) -> list[L.Callback]:
+def build_callbacks(
+    cfg: DictConfig, stage_dir: Path, monitor: str | None, mode: str, with_loggers: bool = True
+) -> list[L.Callback]:
+    """``cfg.callbacks`` with this stage's checkpoint directory and monitor filled in.
+
+    Callbacks that cannot work in this trainer are left out rather than failing: early
+    stopping without a monitor, the progress bar when ``trainer.enable_progress_bar`` is
+    false, and the learning-rate monitor without a logger (Lightning refuses that one).
+    """
     callbacks: list[L.Callback] = []
     for name, cb_cfg in (cfg.get("callbacks") or {}).items():
         if cb_cfg is None:
@@ -30,11 +39,35 @@ def build_callbacks(cfg: DictConfig, stage_dir: Path, monitor: str | None, mode:
             kwargs = {"monitor": monitor, "mode": mode}
         elif name == "progress_bar" and not cfg.trainer.get("enable_progress_bar", True):
             continue
+        elif "LearningRateMonitor" in str(cb_cfg.get("_target_", "")) and not with_loggers:
+            log.info("callbacks.%s left out: it needs a logger (logger= is empty)", name)
+            continue
         callbacks.append(instantiate(cb_cfg, **kwargs))
     return callbacks
 
 
-def build_loggers(cfg: DictConfig, stage_dir: Path) -> list[Any]:
+def keep_csv_history(logger: Any) -> None:
+    """Let a CSVLogger append to the ``metrics.csv`` of the run it resumes.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts, which would
+    drop the epochs before the interruption; the file is put back and its header handed to
+    the writer, so new rows continue it (TensorBoard keeps its old event files by itself).
+    """
+    if not isinstance(logger, L.pytorch.loggers.CSVLogger):
+        return
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    old = path.read_bytes()
+    writer = logger.experiment  # created now: this is where the file is deleted
+    write_bytes_atomic(path, old)
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    writer.metrics_keys = sorted(header)
+
+
+def build_loggers(cfg: DictConfig, stage_dir: Path, resume: bool = False) -> list[Any]:
+    """``cfg.logger`` writing under ``stage_dir/logs``; ``resume`` continues earlier CSV logs."""
     loggers = []
     for lg_cfg in (cfg.get("logger") or {}).values():
         if lg_cfg is None:
@@ -44,9 +77,14 @@ def build_loggers(cfg: DictConfig, stage_dir: Path) -> list[Any]:
         if "MLFlow" not in target:
             kw["save_dir"] = str(stage_dir / "logs")
         try:
-            loggers.append(instantiate(lg_cfg, **kw))
+            logger = instantiate(lg_cfg, **kw)
         except Exception as e:  # missing optional package (wandb, mlflow)
-            raise ConfigError(f"logger {target}: cannot be built ({e}); install its package or drop it from logger=") from None
+            raise ConfigError(
+                f"logger {target}: cannot be built ({e}); install its package or drop it from logger="
+            ) from None
+        if resume:
+            keep_csv_history(logger)
+        loggers.append(logger)
     return loggers
 
 
@@ -58,11 +96,17 @@ def build_trainer(
     mode: str = "max",
     callbacks: bool = True,
     loggers: bool = True,
+    resume: bool = False,
     **overrides: Any,
 ) -> L.Trainer:
-    """``lightning.Trainer`` from ``cfg.trainer`` with this stage's checkpoints and logs."""
-    cbs = build_callbacks(cfg, stage_dir, monitor, mode) if callbacks else []
-    lgs = build_loggers(cfg, stage_dir) if loggers else False
+    """``lightning.Trainer`` from ``cfg.trainer`` with this stage's checkpoints and logs.
+
+    ``resume``: the fit continues a checkpoint, so logs continue the earlier ones.
+    """
+    lgs = build_loggers(cfg, stage_dir, resume=resume) if loggers else []
+    cbs = (
+        build_callbacks(cfg, stage_dir, monitor, mode, with_loggers=bool(lgs)) if callbacks else []
+    )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_cfg, dict)
     trainer_cfg = {k: v for k, v in trainer_cfg.items() if v is not None or k == "_target_"}
@@ -71,7 +115,9 @@ def build_trainer(
     trainer_cfg.update(overrides)
     if not any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in cbs):
         trainer_cfg.setdefault("enable_checkpointing", False)
-    return instantiate(trainer_cfg, callbacks=cbs, logger=lgs, default_root_dir=str(stage_dir))
+    return instantiate(
+        trainer_cfg, callbacks=cbs, logger=lgs or False, default_root_dir=str(stage_dir)
+    )
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
@@ -79,6 +125,11 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def check_monitor(monitor: str, logged: list[str], where: str) -> None:
-    if monitor not in logged:
-        close = [n for n in logged if n.startswith(("val/", "train/"))][:12]
-        raise ConfigError(f"{where}='{monitor}' is never logged; choose one of {close} ...")
+    """Refuse a monitor the module never logs, before any training time is spent."""
+    if monitor in logged:
+        return
+    macro = [n for n in logged if "_" not in n.split("/", 1)[-1]] or logged
+    raise ConfigError(
+        f"{where}='{monitor}' is never logged; choose one of {macro[:12]} "
+        "(per-class values: <name>_<class>)"
+    )

@@ -19,11 +19,15 @@ def read_hparams(path: Path) -> dict[str, Any]:
         raise CamsegError(f"{path}: cannot read checkpoint ({e})") from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "net_config" not in hp or "class_names" not in hp:
-        raise CamsegError(f"{path}: not a camseg classifier checkpoint (no net_config/class_names in its hyper-parameters)")
+        raise CamsegError(
+            f"{path}: not a camseg classifier checkpoint (no net_config/class_names in its hyper-parameters)"
+        )
     return ckpt
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[CamClassifier, dict[str, Any]]:
+def load_classifier(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[CamClassifier, dict[str, Any]]:
     """Load a :class:`CamClassifier` and its hyper-parameters from a stage-1 checkpoint.
 
     The network is rebuilt with ``pretrained=False`` (the checkpoint holds the weights),
@@ -39,7 +43,9 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CamsegError(f"{path}: weights do not fit the network its config describes ({str(e).splitlines()[0]})") from None
+        raise CamsegError(
+            f"{path}: weights do not fit the network its config describes ({str(e).splitlines()[0]})"
+        ) from None
     net.to(map_location).eval()
     return net, hp
 
@@ -53,9 +59,14 @@ def check_compatible(path: Path, class_names: list[str], net_config: dict | None
             "use the matching data config or another run_name"
         )
     if net_config is not None:
-        theirs = {k: hp["net_config"].get(k) for k in ("backbone", "source", "in_channels", "output_stride", "num_classes")}
+        theirs = {
+            k: hp["net_config"].get(k)
+            for k in ("backbone", "source", "in_channels", "output_stride", "num_classes")
+        }
         ours = {k: net_config.get(k) for k in theirs}
-        diff = {k: (theirs[k], ours[k]) for k in theirs if ours[k] is not None and theirs[k] != ours[k]}
+        diff = {
+            k: (theirs[k], ours[k]) for k in theirs if ours[k] is not None and theirs[k] != ours[k]
+        }
         if diff:
             raise CamsegError(
                 f"{path}: checkpoint is of another model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -26,7 +26,14 @@ from torchmetrics.classification import (
 
 from camseg.models.classifier import CamClassifier
 
+SPLITS = ("train", "val", "test")
+LOSS = "loss"
 METRIC_KEYS = ("auroc", "ap", "f1", "acc")
+
+
+def metric_name(split: str, key: str, class_name: str | None = None) -> str:
+    """The one place metric names are spelled: ``val/auroc`` (macro), ``val/auroc_<class>``."""
+    return f"{split}/{key}" if class_name is None else f"{split}/{key}_{class_name}"
 
 
 def _metrics(num_classes: int, multilabel: bool) -> MetricCollection:
@@ -36,27 +43,56 @@ def _metrics(num_classes: int, multilabel: bool) -> MetricCollection:
     """
     if multilabel and num_classes == 1:
         return MetricCollection(
-            {"auroc": BinaryAUROC(), "ap": BinaryAveragePrecision(), "f1": BinaryF1Score(), "acc": BinaryAccuracy()}
-        )
-    if multilabel:
-        k = {"num_labels": num_classes, "average": None}
-        return MetricCollection(
             {
-                "auroc": MultilabelAUROC(**k),
-                "ap": MultilabelAveragePrecision(**k),
-                "f1": MultilabelF1Score(**k),
-                "acc": MultilabelAccuracy(**k),
+                "auroc": BinaryAUROC(),
+                "ap": BinaryAveragePrecision(),
+                "f1": BinaryF1Score(),
+                "acc": BinaryAccuracy(),
             }
         )
-    k = {"num_classes": num_classes, "average": None}
+    if multilabel:
+        n = num_classes
+        return MetricCollection(
+            {
+                "auroc": MultilabelAUROC(num_labels=n, average=None),
+                "ap": MultilabelAveragePrecision(num_labels=n, average=None),
+                "f1": MultilabelF1Score(num_labels=n, average=None),
+                "acc": MultilabelAccuracy(num_labels=n, average=None),
+            }
+        )
     return MetricCollection(
         {
-            "auroc": MulticlassAUROC(**k),
-            "ap": MulticlassAveragePrecision(**k),
-            "f1": MulticlassF1Score(**k),
-            "acc": MulticlassAccuracy(**k),
+            "auroc": MulticlassAUROC(num_classes=num_classes, average=None),
+            "ap": MulticlassAveragePrecision(num_classes=num_classes, average=None),
+            "f1": MulticlassF1Score(num_classes=num_classes, average=None),
+            "acc": MulticlassAccuracy(num_classes=num_classes, average=None),
         }
     )
+
+
+class LabelCounts(Metric):
+    """Positives per class and images seen, synced across ranks like the other metrics.
+
+    torchmetrics returns 0 for the AUROC of a class whose targets are all one value; the
+    counts let such undefined values be logged as NaN and left out of the macro mean.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.positives: torch.Tensor
+        self.total: torch.Tensor
+        self.add_state("positives", torch.zeros(num_classes), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, labels: torch.Tensor) -> None:
+        """``labels``: (B,K) multi-hot (one-hot for multi-class)."""
+        self.positives += (labels > 0.5).sum(dim=0).to(self.positives.dtype)
+        self.total += labels.shape[0]
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.positives, self.total - self.positives
 
 
 class ClassifierModule(L.LightningModule):
@@ -66,8 +102,8 @@ class ClassifierModule(L.LightningModule):
         net: the classifier (kept out of hparams; its config is saved as ``net_config``
             so later stages can rebuild it from the checkpoint alone).
         optimizer: partial taking the parameters (Hydra ``_partial_: true``).
-        scheduler: optional partial taking the optimizer.
         class_names: names of the K classes, in label order.
+        scheduler: optional partial taking the optimizer (stepped once per epoch).
         multilabel: sigmoid + BCE (True) or softmax + CE (False; one positive per image).
         pos_weight: BCE positive weights per class (multi-label only), e.g. (1-f)/f.
         net_config: the config that built ``net`` (stored in the checkpoint).
@@ -99,78 +135,165 @@ class ClassifierModule(L.LightningModule):
             pw = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight is not None else None
             self.loss_fn: nn.Module = nn.BCEWithLogitsLoss(pos_weight=pw)
         else:
+            if pos_weight is not None:
+                raise ValueError("pos_weight applies to multi-label (BCE) training only")
             self.loss_fn = nn.CrossEntropyLoss()
         self.channels_last = channels_last
-        self.train_metrics = _metrics(k, multilabel)
-        self.val_metrics = _metrics(k, multilabel)
-        self.test_metrics = _metrics(k, multilabel)
+        # Attributes, not a ModuleDict: nn.Module reserves the key "train".
+        self.train_metrics, self.val_metrics, self.test_metrics = (
+            _metrics(k, multilabel) for _ in SPLITS
+        )
+        self.train_counts, self.val_counts, self.test_counts = (LabelCounts(k) for _ in SPLITS)
+        # Detached (logits, labels) of the current epoch per split, on the device.
+        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in SPLITS}
 
-    # Names this module logs: the stage runner checks the monitor against them before training.
-    def logged_metric_names(self) -> list[str]:
-        names = ["train/loss", "val/loss", "test/loss"]
-        for split in ("train", "val", "test"):
+    def logged_metric_names(self, splits: Sequence[str] = SPLITS) -> list[str]:
+        """Every name this module logs for ``splits`` (the stage checks the monitor against them)."""
+        names = []
+        for split in splits:
+            names.append(metric_name(split, LOSS))
             for key in METRIC_KEYS:
-                names.append(f"{split}/{key}")
-                names += [f"{split}/{key}_{c}" for c in self.class_names]
+                names.append(metric_name(split, key))
+                names += [metric_name(split, key, c) for c in self.class_names]
         return names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B,K) of images (B,C,H,W)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # Here rather than in on_fit_start so that validate/test/predict runs get it too.
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
+
+    def _split_metrics(self, split: str) -> MetricCollection:
+        return getattr(self, f"{split}_metrics")
+
+    def _split_counts(self, split: str) -> LabelCounts:
+        return getattr(self, f"{split}_counts")
+
+    def _has_progress_bar(self) -> bool:
+        return self._trainer is not None and self.trainer.progress_bar_callback is not None
 
     def _targets(self, labels: torch.Tensor) -> torch.Tensor:
         return labels if self.multilabel else labels.argmax(dim=1)
 
-    def _step(self, batch: dict, split: str, metrics: MetricCollection) -> torch.Tensor:
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
         logits = self(batch["image"])
-        target = self._targets(batch["labels"])
-        loss = self.loss_fn(logits, target)
-        probs = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
-        if self.multilabel and probs.shape[1] == 1:
-            metrics.update(probs[:, 0].float(), target[:, 0].long())
-        else:
-            metrics.update(probs.float(), target.long())
-        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=len(logits), sync_dist=split != "train")
+        labels = batch["labels"]
+        loss = self.loss_fn(logits, self._targets(labels))
+        # Metrics see the epoch's outputs at its end, in one update: torchmetrics' per-call
+        # input checks synchronise with the GPU, which would stall every training step.
+        self._outputs[split].append((logits.detach(), labels.detach()))
+        on_step = split == "train"
+        self.log(
+            metric_name(split, LOSS),
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            # Lightning turns progress-bar values into Python floats after every batch (a GPU
+            # sync per step): show the step loss only where a progress bar will display it.
+            prog_bar=not on_step or self._has_progress_bar(),
+            batch_size=len(logits),
+            sync_dist=split != "train",
+        )
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", self.train_metrics)
+        return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val", self.val_metrics)
+        self._step(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test", self.test_metrics)
+        self._step(batch, "test")
 
-    def _log_epoch(self, split: str, metrics: MetricCollection) -> None:
-        values = metrics.compute()
+    def epoch_metrics(self, split: str) -> dict[str, torch.Tensor]:
+        """Per-class and macro values of ``split``'s metrics; NaN where undefined.
+
+        Buffered outputs are added first, so this can be called at any point of an epoch.
+
+        AUROC needs positives and negatives of a class, AP (and multi-class accuracy,
+        which is per-class recall) needs positives; the macro mean skips undefined classes.
+        """
+        self._flush(split)
+        values = self._split_metrics(split).compute()
+        positives, negatives = self._split_counts(split).compute()
+        undefined = {"auroc": (positives == 0) | (negatives == 0), "ap": positives == 0}
+        if not self.multilabel:
+            undefined["acc"] = positives == 0
         out: dict[str, torch.Tensor] = {}
         for key, per_class in values.items():
             per_class = per_class.float().reshape(-1)
-            out[f"{split}/{key}"] = per_class.nanmean()
+            if key in undefined:
+                per_class = per_class.masked_fill(undefined[key], float("nan"))
+            out[metric_name(split, key)] = per_class.nanmean()
             for name, v in zip(self.class_names, per_class, strict=True):
-                out[f"{split}/{key}_{name}"] = v
-        for name, v in out.items():  # torchmetrics already synced the states across ranks
-            self.log(name, v, prog_bar=name == f"{split}/auroc")
-        metrics.reset()
+                out[metric_name(split, key, name)] = v
+        return out
+
+    def _flush(self, split: str) -> None:
+        """Move the buffered outputs of ``split`` into its metrics."""
+        outputs = self._outputs[split]
+        if not outputs:
+            return
+        logits = torch.cat([o[0] for o in outputs]).float()
+        labels = torch.cat([o[1] for o in outputs])
+        outputs.clear()
+        target = self._targets(labels).long()
+        metrics = self._split_metrics(split)
+        if self.multilabel:
+            probs = torch.sigmoid(logits)
+            if probs.shape[1] == 1:
+                metrics.update(probs[:, 0], target[:, 0])
+            else:
+                metrics.update(probs, target)
+        else:
+            metrics.update(torch.softmax(logits, dim=1), target)
+        self._split_counts(split).update(labels)
+
+    def _log_epoch(self, split: str) -> None:
+        self._flush(split)
+        if int(self._split_counts(split).total) == 0:  # no batch this epoch (e.g. limit_*=0)
+            return
+        values = self.epoch_metrics(split)
+        for name, v in values.items():  # torchmetrics already synced the states across ranks
+            self.log(name, v, prog_bar=name == metric_name(split, "auroc"))
+        self._split_metrics(split).reset()
+        self._split_counts(split).reset()
+
+    def _start_epoch(self, split: str) -> None:
+        # Outputs of an epoch that was interrupted must not leak into this one.
+        self._outputs[split].clear()
+        self._split_metrics(split).reset()
+        self._split_counts(split).reset()
+
+    def on_train_epoch_start(self) -> None:
+        self._start_epoch("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_epoch("test")
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train", self.train_metrics)
+        self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val", self.val_metrics)
+        self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test", self.test_metrics)
+        self._log_epoch("test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
