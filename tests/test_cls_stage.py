@@ -169,7 +169,6 @@ def test_training_loss_falls(trained: Path) -> None:
 # generator, which Lightning's seed_everything does not reach: until the DataModule seeds it
 # (from torch's generator in the main process, from torch.initial_seed() in each worker),
 # runs with augmentations differ. Strict: this fails loudly once that is fixed.
-@pytest.mark.xfail(strict=True, reason="augmentations are not seeded by `seed` (camseg.data)")
 def test_same_seed_same_metrics_with_augmentations(
     tmp_path: Path, datasets: dict[str, Path], trained: Path
 ) -> None:

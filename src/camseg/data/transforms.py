@@ -14,7 +14,9 @@ from camseg.errors import ConfigError
 
 
 def build_transforms(
-    image_size: int | Sequence[int], augmentations: Sequence[Any] | None = None
+    image_size: int | Sequence[int],
+    augmentations: Sequence[Any] | None = None,
+    seed: int | None = None,
 ) -> A.Compose:
     """``Resize(image_size)`` followed by the configured augmentations.
 
@@ -24,6 +26,8 @@ def build_transforms(
     Args:
         image_size: side length, or (height, width).
         augmentations: albumentations transforms, or configs with ``_target_`` to instantiate.
+        seed: seeds the random augmentations (albumentations keeps its own generator, which
+            ``seed_everything`` does not reach; DataLoader workers derive theirs from it).
 
     Raises:
         ConfigError: a size that is not positive, or an entry that does not build a transform.
@@ -34,7 +38,7 @@ def build_transforms(
     steps: list[Any] = [A.Resize(height=int(h), width=int(w))]
     for i, aug in enumerate(augmentations or []):
         steps.append(_build_one(i, aug))
-    return A.Compose(steps)
+    return A.Compose(steps, seed=seed)
 
 
 def _build_one(i: int, aug: Any) -> Any:
