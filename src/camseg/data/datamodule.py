@@ -323,8 +323,14 @@ class CamSegDataModule(L.LightningDataModule):
         self, split: str, train: bool, masks: dict[str, Path] | None = None, full_res: bool = False
     ) -> SampleDataset:
         # Drawn from torch's generator so that `seed` (seed_everything) fixes the augmentations too.
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if train and self.train_augmentations else None
-        tf = build_transforms(self.image_size, self.train_augmentations if train else None, seed=seed)
+        seed = (
+            int(torch.randint(0, 2**31 - 1, (1,)).item())
+            if train and self.train_augmentations
+            else None
+        )
+        tf = build_transforms(
+            self.image_size, self.train_augmentations if train else None, seed=seed
+        )
         return SampleDataset(
             self.items(split, masks),
             tf,

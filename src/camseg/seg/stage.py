@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +149,6 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         raise ConfigError(
             "seg.rounds > 1 (self-training) runs on one device; use trainer.devices=1 or seg.rounds=1"
         )
-    t0 = time.time()
     history: list[dict[str, Any]] = []
     for r in range(1, rounds + 1):
         stage_dir = out if r == rounds else out / f"round{r}"
@@ -159,9 +157,6 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         module = _module(cfg, dm, stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, stage_dir / "config.yaml")
-        trainer = build_trainer(
-            cfg, stage_dir, max_epochs=int(cfg.seg.max_epochs), monitor=monitor, mode=mode
-        )
         resume = ckpt_path if r == rounds else None
         if (
             resume is None
@@ -171,6 +166,14 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         ):
             resume = str(stage_dir / "checkpoints" / "last.ckpt")
             log.info("stage seg: resuming round %d from %s", r, resume)
+        trainer = build_trainer(
+            cfg,
+            stage_dir,
+            max_epochs=int(cfg.seg.max_epochs),
+            monitor=monitor,
+            mode=mode,
+            resume=resume is not None,
+        )
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
         best = stage_dir / "checkpoints" / "best.ckpt"
         if not best.is_file():
@@ -209,7 +212,6 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                 len(masks),
             )
     final = dict(history[-1])
-    final["fit_seconds"] = round(time.time() - t0, 1)
     if rounds > 1:
         final["rounds"] = [
             {"round": h["round"], "test/dice": h["test"].get("test/dice")} for h in history
