@@ -40,9 +40,9 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
     lines = [f"# camseg report: `{run.name}`", ""]
     lines += ["| stage | status | wall time (s) |", "|---|---|---|"]
     for stage, done in (("cls", cls_m), ("pseudo", manifest), ("seg", seg_m)):
-        lines.append(
-            f"| {stage} | {'done' if done else 'not run'} | {_fmt(all_timings.get(stage))} |"
-        )
+        t = all_timings.get(stage)
+        wall = "–" if t is None else f"{float(t):.1f}"
+        lines.append(f"| {stage} | {'done' if done else 'not run'} | {wall} |")
     lines.append("")
     if cls_m:
         lines += [
@@ -74,7 +74,8 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
                 "| pseudo-masks vs ground truth | Dice | IoU |",
                 "|---|---|---|",
                 f"| at fg_threshold={quality['fg_threshold']} (ignore = not foreground) | {_fmt(quality['dice'])} | {_fmt(quality['iou'])} |",
-                f"| best sweep threshold {sw['best_threshold']} | {_fmt(sw['best_dice'])} | – |",
+                f"| best threshold of the sweep ({sw['best_threshold']}; "
+                f"{'CRF posterior' if pol['crf'] else 'CAM'}) | {_fmt(sw['best_dice'])} | – |",
                 "",
                 f"Mean ignore fraction {_fmt(quality['ignore_fraction'])}; {quality['samples_with_gt']} samples with ground truth.",
                 "",

@@ -114,16 +114,26 @@ class PseudoMaskPolicy:
         images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Masks (B,H,W) uint8 on the CAMs' device; ``images`` are needed for the CRF."""
+        return self.threshold(self.probabilities(cams, labels, images), labels)
+
+    def probabilities(
+        self, cams: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The maps the thresholds apply to: the CAMs, or the CRF posterior when a CRF is set."""
         if cams.ndim != 4:
             raise ValueError(f"cams must be (B,K,H,W), got {tuple(cams.shape)}")
         present = present_mask(labels, cams.shape[0]).to(cams.device)
         if present.shape[1] != cams.shape[1]:
             raise ValueError(f"labels have {present.shape[1]} classes, cams {cams.shape[1]}")
-        probs = cams
-        if self.crf is not None:
-            if images is None:
-                raise ValueError("PseudoMaskPolicy with crf needs the images")
-            probs = crf_refine(cams, present, images, self.crf)
+        if self.crf is None:
+            return cams
+        if images is None:
+            raise ValueError("PseudoMaskPolicy with crf needs the images")
+        return crf_refine(cams, present, images, self.crf)
+
+    def threshold(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Masks from :meth:`probabilities`' output (thresholds, then small-blob clean-up)."""
+        present = present_mask(labels, probs.shape[0]).to(probs.device)
         mask = threshold_cams(probs, present, self.fg_threshold, self.bg_threshold)
         if self.min_component_size > 1:
             mask = remove_small_components(mask, self.min_component_size)

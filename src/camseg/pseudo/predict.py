@@ -216,16 +216,17 @@ class PseudoLabelWriter(BasePredictionWriter):
         image = None
         if mask is None or sid in self.overlay_ids:
             image = read_image(info.image_path)
+        probs = cams.astype(np.float32)
         if mask is None:
+            # CRF: refine on the CPU with the original image; the sweep then runs on the posterior.
             assert image is not None
             img_t = torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(
                 2, 0, 1
             )[None]
-            mask = self.policy(
-                torch.from_numpy(cams.astype(np.float32))[None],
-                torch.from_numpy(labels)[None],
-                img_t,
-            )[0].numpy()
+            lab_t = torch.from_numpy(labels)[None]
+            probs_t = self.policy.probabilities(torch.from_numpy(probs)[None], lab_t, img_t)
+            mask = self.policy.threshold(probs_t, lab_t)[0].numpy()
+            probs = probs_t[0].float().numpy()
         mask = mask.astype(np.uint8)
         save_png_atomic(self.out / "masks" / f"{sid}.png", mask)
         if self.save_cams:
@@ -248,7 +249,7 @@ class PseudoLabelWriter(BasePredictionWriter):
                 )
             row["quality"] = {
                 "counts": sample_counts(mask, gt, self.num_classes),
-                "sweep": sweep_counts(cams.astype(np.float32), labels, gt, self.thresholds),
+                "sweep": sweep_counts(probs, labels, gt, self.thresholds),
             }
         if sid in self.overlay_ids:
             assert image is not None

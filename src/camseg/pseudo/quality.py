@@ -70,7 +70,8 @@ def compute_quality(
             "dice_per_class": {c: [float(v) for v in s_dice[:, k]] for k, c in enumerate(classes)},
             "best_threshold": float(thresholds[best]),
             "best_dice": float(macro[best]),
-            "note": "CAM >= threshold -> foreground (argmax over present classes), everything else background",
+            "note": "map >= threshold -> foreground (argmax over present classes), everything else background; "
+            "the map is the CRF posterior when the policy uses a CRF, else the normalised CAM",
         },
     }
 

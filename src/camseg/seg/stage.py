@@ -119,6 +119,8 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     run.require(run.manifest, "pseudo")
     dm = build_datamodule(cfg)
     dm.setup("fit")
+    if cfg.seg.get("batch_size"):
+        dm.batch_size = int(cfg.seg.batch_size)
     manifest = load_manifest(
         run.manifest,
         checkpoint=run.cls_best if run.cls_best.exists() else None,
