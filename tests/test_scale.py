@@ -153,3 +153,50 @@ def test_ddp_cam_generation_writes_every_sample_once(trained: Path) -> None:
     train = assign_splits(index.samples, 0.15, 0.15, 0)["train"]
     assert sorted(ids) == sorted(s.id for s in train)
     assert len(list((trained / "runs/base/pseudo/rows").glob("*.json"))) == len(ids)
+
+
+@pytest.mark.slow
+def test_ddp_runs_all_three_stages(tmp_path: Path) -> None:
+    """Training (cls, seg) and CAM generation under DDP with 2 CPU processes."""
+    camseg(
+        tmp_path,
+        "run_name=ddp",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        timeout=900,
+    )
+    run = tmp_path / "runs/ddp"
+    for rel in ("cls/metrics.json", "pseudo/manifest.json", "seg/metrics.json", "report.md"):
+        assert (run / rel).is_file(), rel
+    assert json.loads((run / "seg/metrics.json").read_text())["test"]["test/num_images"] > 0
+
+
+@pytest.mark.slow
+def test_multirun_with_ddp_writes_one_run_directory_per_job(trained: Path) -> None:
+    camseg(
+        trained,
+        "-m",
+        "run_name=base",
+        "stages=[pseudo]",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "pseudo.fg_threshold=0.2,0.4",
+        "hydra.sweep.dir=" + str(trained / "sweep_ddp"),
+        timeout=900,
+    )
+    dirs = sorted((trained / "runs/base/multirun/sweep_ddp").iterdir())
+    assert [d.name for d in dirs] == ["0", "1"]
+    fg = [
+        json.loads((d / "pseudo/manifest.json").read_text())["policy"]["fg_threshold"] for d in dirs
+    ]
+    assert fg == [0.2, 0.4]
+    # No rank of a job wrote its pseudo-labels anywhere else (e.g. into the base run).
+    elsewhere = [
+        p
+        for p in (trained / "runs").rglob("provenance.json")
+        if "sweep_ddp" not in p.parts
+        and json.loads(p.read_text())["policy"]["fg_threshold"] in (0.2, 0.4)
+    ]
+    assert not elsewhere, elsewhere

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from camseg.errors import ConfigError
 from camseg.rundir import RunDir
 
 log = logging.getLogger("camseg")
+_SUBDIR_ENV = "CAMSEG_OUTPUT_SUBDIR"
 
 
 def check_stages(stages: Any) -> list[str]:
@@ -103,6 +105,11 @@ def make_rundir(cfg: DictConfig, stages: list[str]) -> RunDir:
     if not sub and job is not None:
         sweep_dir, num = job
         sub = f"multirun/{sweep_dir.parent.name}/{num}"
+        # Lightning's DDP re-launches this command per rank as a single run (not a multirun
+        # job); the ranks find this job's directory through the environment they inherit.
+        os.environ[_SUBDIR_ENV] = sub
+    elif not sub and job is None and os.environ.get("LOCAL_RANK", "0") != "0":
+        sub = os.environ.get(_SUBDIR_ENV)
     if not sub:
         return RunDir(base)
     return RunDir(base / str(sub), cls_dir=None if "cls" in stages else base / "cls")

@@ -229,8 +229,13 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         trainer.callbacks.append(writer)  # type: ignore[attr-defined]
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         trainer.strategy.barrier()
-        if not trainer.is_global_zero:
-            return {}
+        result = {}
+        if trainer.is_global_zero:
+            result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
+        # The other ranks go on to stage 3 only once rank 0 has written the manifest.
+        trainer.strategy.barrier()
+        return result
+    # Nothing left to predict: merging is idempotent and atomic, every rank may do it.
     return finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
 
 

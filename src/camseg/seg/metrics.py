@@ -221,7 +221,13 @@ class SegMetrics(Metric):
 
     def compute(self) -> dict[str, float]:
         """All metrics as Python floats; NaN everywhere (counts 0) if nothing was added."""
-        if not self.image_counts:
+        # After a DDP sync the list states arrive concatenated into one tensor.
+        empty = (
+            self.image_counts.numel() == 0
+            if isinstance(self.image_counts, torch.Tensor)
+            else len(self.image_counts) == 0
+        )
+        if empty:
             out = dict.fromkeys(self._keys(), float("nan"))
             out[f"{self.prefix}num_images"] = 0.0
             out[f"{self.prefix}num_patients"] = 0.0

@@ -140,7 +140,8 @@ class SegmenterModule(L.LightningModule):
         self._eval_step(batch, "val", self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_metrics.update_count == 0:
+        # Under DDP every rank must take part in the metric's sync, so only skip on one process.
+        if self.val_metrics.update_count == 0 and self.trainer.world_size == 1:
             return
         values = self.val_metrics.compute()
         for k, v in values.items():
@@ -188,7 +189,7 @@ class SegmenterModule(L.LightningModule):
                 self._overlays_written += 1
 
     def on_test_epoch_end(self) -> None:
-        if self.test_metrics.update_count == 0:
+        if self.test_metrics.update_count == 0 and self.trainer.world_size == 1:
             return
         values = self.test_metrics.compute()
         self.log_dict({k: float(v) for k, v in values.items()})

@@ -247,7 +247,8 @@ def evaluate_train(
     loader = DataLoader(
         ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=0, collate_fn=collate
     )
-    metric = SegMetrics(dm.num_classes, dm.classes, prefix="")
+    # Runs on rank 0 alone after training: no sync with the other (finished) ranks.
+    metric = SegMetrics(dm.num_classes, dm.classes, prefix="", sync_on_compute=False)
     confidence = float(cfg.seg.get("self_training_confidence", 0.9))
     new_masks: dict[str, Path] = {}
     grid_rows: list[np.ndarray] = []
