@@ -68,7 +68,7 @@ def summarize_sweep(sweep_dir: Path, direction: str = "maximize") -> tuple[Path,
 
     rows.sort(key=key)
     metric = rows[0].get("optimized_metric") or "value"
-    metric_cols = sorted({k for r in rows for k in r["metrics"]})[:12]
+    metric_cols = sorted({k for r in rows for k in r["metrics"]} - {metric})[:12]
     header = ["rank", "job", str(metric), "overrides", *metric_cols, "run_dir"]
     table = [
         [
