@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from camseg import __version__
@@ -160,10 +161,12 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 
     prov_path = out / "provenance.json"
     force = bool(cfg.get("force", False))
-    if out.exists() and force:
+    # Under DDP every rank runs this; only rank 0 deletes, and with force no rank trusts what is
+    # on disk, so all ranks agree on the samples to predict.
+    if out.exists() and force and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         log.info("stage pseudo: force=true, removing %s", out)
         shutil.rmtree(out)
-    if prov_path.is_file():
+    if prov_path.is_file() and not force:
         old = read_json(prov_path)
         if _fingerprint(old) != _fingerprint(provenance):
             changed = sorted(
@@ -177,7 +180,8 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     write_json_atomic(prov_path, provenance)
 
     all_samples = dm.samples(dm.predict_split)
-    done = {p.stem for p in (out / "rows").glob("*.json")} if (out / "rows").is_dir() else set()
+    rows_dir = out / "rows"
+    done = {p.stem for p in rows_dir.glob("*.json")} if rows_dir.is_dir() and not force else set()
     todo = [s for s in all_samples if s.id not in done]
     log.info(
         "stage pseudo: %d samples, %d already done, %d to go",
