@@ -8,6 +8,7 @@ folder, never half a dataset.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import os
@@ -182,3 +183,15 @@ def print_summary(
     else:
         line += "; no inconsistencies found"
     print(line)
+
+
+def add_output_options(p: argparse.ArgumentParser, strict: bool = True) -> None:
+    """The options every converter shares: --strict (if it reports issues), --overwrite, --no-progress."""
+    if strict:
+        p.add_argument(
+            "--strict",
+            action="store_true",
+            help="fail on any inconsistency instead of reporting it",
+        )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from camseg.data.prepare.common import (
     IMAGE_EXTENSIONS,
     Issue,
+    add_output_options,
     check_out_dir,
     finish,
     print_summary,
@@ -358,11 +359,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="regex for the patient id in the file name (named group 'group', else group 1)",
     )
-    p.add_argument(
-        "--strict", action="store_true", help="fail on any inconsistency instead of reporting it"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    add_output_options(p, strict=True)
     p.set_defaults(func=_run)
 
 

@@ -18,7 +18,13 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from camseg.data.prepare.common import check_out_dir, finish, print_summary, staged_output
+from camseg.data.prepare.common import (
+    add_output_options,
+    check_out_dir,
+    finish,
+    print_summary,
+    staged_output,
+)
 from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import save_png_atomic
 
@@ -172,8 +178,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--patients", type=int, default=None, metavar="N", help="first N patients (sorted) only"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    add_output_options(p, strict=False)
     p.set_defaults(func=_run)
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from camseg.data.prepare.common import (
     Issue,
+    add_output_options,
     check_out_dir,
     finish,
     print_summary,
@@ -438,11 +439,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--windows", default="lung", help="1 or 3 windows, names or CENTER/WIDTH (default lung)"
     )
     p.add_argument("--patients", type=int, default=None, metavar="N", help="first N scans only")
-    p.add_argument(
-        "--strict", action="store_true", help="fail on any inconsistency instead of reporting it"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    add_output_options(p, strict=True)
     p.set_defaults(func=_run)
 
 
