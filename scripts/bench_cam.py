@@ -242,6 +242,11 @@ def print_goals(rows: dict[str, float], notes: dict[str, str], views: float) -> 
         checks.append(("(b) >= 5 x (f)", b / f, 5.0))
     for name, value, target in checks:
         print(f"  {name:<36} {value:8.2f}   {target:6.2f}   {'yes' if value >= target else 'NO'}")
+    if a and d:
+        # (c) can never beat the model-only limit, so neither can (c)/(d): where this bound is
+        # under 5 the machine itself rules the goal out (a CPU gains little from batching).
+        bound = (a / views) / d
+        print(f"  bound on (c)/(d) here: ((a) / {views:g}) / (d) = {bound:.2f}")
     for key, note in notes.items():
         print(f"  note ({key}): {note}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,25 @@ from camseg.errors import ConfigError
 from camseg.utils.io import write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
+
+
+class _DropLightningTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud logging" not in record.getMessage()
+
+
+def quiet_third_party() -> None:
+    """Drop two messages that say nothing about a camseg run: Lightning's advertisement for
+    its cloud logger, and torch's FutureWarning about ``LeafSpec``, an API Lightning itself
+    still calls. Idempotent; every other message and warning stays."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningTip) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLightningTip())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
 
 
 def build_callbacks(
@@ -103,6 +123,7 @@ def build_trainer(
 
     ``resume``: the fit continues a checkpoint, so logs continue the earlier ones.
     """
+    quiet_third_party()
     lgs = build_loggers(cfg, stage_dir, resume=resume) if loggers else []
     cbs = (
         build_callbacks(cfg, stage_dir, monitor, mode, with_loggers=bool(lgs)) if callbacks else []
