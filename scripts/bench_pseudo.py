@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,34 @@ from camseg.models.classifier import CamClassifier
 from camseg.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def rss_mib() -> float:
+    """Resident memory of this process (the main one; loader workers are separate)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 0.1 s while in the ``with`` block."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, rss_mib())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
 
 
 def make_dataset(root: Path, n: int, size: int) -> None:
@@ -129,7 +158,8 @@ def main() -> None:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
         t0 = time.perf_counter()
-        run_pipeline(cfg)
+        with PeakRSS() as mem:
+            run_pipeline(cfg)
         wall = time.perf_counter() - t0
         written = len(list((root / "runs/bench/pseudo/masks").glob("*.png")))
     fwd = forward_throughput(args.backbone, args.size, args.batch, args.device, bf16)
@@ -155,6 +185,10 @@ def main() -> None:
     )
     print(f"| ratio end-to-end / limit (goal >= 0.85) | {e2e / limit:.2f} |")
     print(f"(dataset preparation {prep:.1f} s, stage wall time {wall:.1f} s including start-up)")
+    print(
+        f"main process RSS: {mem.start:.0f} MiB before the stage, peak {mem.peak:.0f} MiB during it "
+        "(run with several --images to check that it does not grow with the dataset)"
+    )
 
 
 if __name__ == "__main__":

@@ -45,3 +45,22 @@ def test_leafspec_future_warning_is_ignored_and_others_are_not(trainer_cfg, tmp_
         warnings.warn("something else", FutureWarning, stacklevel=1)
     texts = [str(w.message) for w in caught]
     assert texts == ["something else"], texts
+
+
+def test_lightning_messages_are_printed_once_through_the_root_handlers(
+    trainer_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What `import lightning` does: a console handler of its own on the package loggers.
+    own = logging.StreamHandler()
+    logging.getLogger("lightning").addHandler(own)
+    logging.getLogger("lightning.pytorch").propagate = False
+    try:
+        build_trainer(trainer_cfg, tmp_path / "stage")
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            handlers = logging.getLogger(name).handlers
+            assert not [h for h in handlers if type(h) is logging.StreamHandler], name
+        with caplog.at_level(logging.INFO):
+            logging.getLogger("lightning.pytorch.utilities.rank_zero").info("hello from lightning")
+        assert [r.getMessage() for r in caplog.records].count("hello from lightning") == 1
+    finally:
+        logging.getLogger("lightning").removeHandler(own)

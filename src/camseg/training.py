@@ -26,7 +26,19 @@ class _DropLightningTip(logging.Filter):
 def quiet_third_party() -> None:
     """Drop two messages that say nothing about a camseg run: Lightning's advertisement for
     its cloud logger, and torch's FutureWarning about ``LeafSpec``, an API Lightning itself
-    still calls. Idempotent; every other message and warning stays."""
+    still calls. Idempotent; every other message and warning stays.
+
+    Where the root logger has handlers (the ``camseg`` app: Hydra's console and job log),
+    Lightning's own console handlers go too, so that its messages are printed once, in the
+    app's format, and also reach the job log; without them Lightning keeps its own.
+    """
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler:
+                    logger.removeHandler(handler)
+            logger.propagate = True
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLightningTip) for f in rank_zero.filters):
         rank_zero.addFilter(_DropLightningTip())
