@@ -11,6 +11,7 @@ config (``cls/config.yaml`` beside ``checkpoints/``) when present.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from camseg.cam import build_cam_method
 from camseg.cam.layers import default_target_layer
 from camseg.cls.checkpoint import load_classifier
 from camseg.data.datamodule import to_channels
+from camseg.errors import CamsegError
 from camseg.utils.io import read_image, save_png_atomic
 from camseg.utils.overlay import cam_overlay, panel, to_rgb
 
@@ -37,6 +39,11 @@ def main() -> None:
     ap.add_argument("--no-flip", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("cam_overlay.png"))
     args = ap.parse_args()
+    for flag, path in (("--ckpt", args.ckpt), ("--image", args.image)):
+        if not path.is_file():
+            ap.error(f"{flag} {path}: no such file")
+    if any(s <= 0 for s in args.scales):
+        ap.error(f"--scales {args.scales}: every scale must be > 0")
 
     model, hp = load_classifier(args.ckpt)
     size, mean, std = 128, [0.5], [0.25]
@@ -69,11 +76,18 @@ def main() -> None:
         cams, size=raw.shape[:2], mode="bilinear", align_corners=False
     )[0].numpy()
     tiles = [to_rgb(raw)] + [cam_overlay(raw, cams[i]) for i in range(k)]
-    save_png_atomic(args.out, panel(*tiles))
+    titles = ["image"] + [
+        f"{name} p={p:.2f}" for name, p in zip(hp["class_names"], probs[0].tolist(), strict=True)
+    ]
+    save_png_atomic(args.out, panel(*tiles, titles=titles))
     for name, p in zip(hp["class_names"], probs[0].tolist(), strict=True):
         print(f"{name}: p={p:.3f}")
     print(f"wrote {args.out} (image, then one CAM per class: {', '.join(hp['class_names'])})")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CamsegError as e:  # bad checkpoint, method or layer: one line, exit 2
+        print(f"cam_overlay.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

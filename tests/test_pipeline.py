@@ -6,6 +6,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +257,66 @@ def test_seg_refuses_all_ignore_masks_and_wrong_sizes(full_run: Path, tmp_path: 
     path.write_text(json.dumps(m))
     with pytest.raises(ManifestError, match=rf"is {w}x{h + 3} but image"):
         run_pipeline(_seg_cfg(root))
+
+
+def _cam_overlay(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "cam_overlay.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cam_overlay_script_draws_one_titled_heatmap_per_class(
+    full_run: Path, tmp_path: Path
+) -> None:
+    ckpt = full_run / "runs/t/cls/checkpoints/best.ckpt"
+    manifest = json.loads((full_run / "runs/t/pseudo/manifest.json").read_text())
+    sample = manifest["samples"][0]
+    image = Path(manifest["dataset"]["root"]) / sample["image"]
+    out = tmp_path / "cam.png"
+    res = _cam_overlay(
+        "--ckpt", str(ckpt), "--image", str(image), "--method", "gradcam", "--out", str(out)
+    )
+    assert res.returncode == 0, res.stderr
+    classes = manifest["dataset"]["classes"]
+    for name in classes:
+        assert re.search(rf"^{name}: p=0\.\d{{3}}$|^{name}: p=1\.000$", res.stdout, re.M), (
+            res.stdout
+        )
+    src = np.asarray(Image.open(image))
+    pic = np.asarray(Image.open(out))
+    h, w = src.shape[:2]
+    k = len(classes)
+    assert pic.shape[1] == (k + 1) * w + 4 * k  # image, then one column per class
+    assert pic.shape[0] > h  # the title strip
+    body = pic[pic.shape[0] - h :]
+    grey = np.repeat(src[..., None], 3, axis=2) if src.ndim == 2 else src
+    np.testing.assert_array_equal(body[:, :w], grey)  # the first column is the image itself
+    assert not np.array_equal(body[:, w + 4 : 2 * w + 4], grey)  # the heatmap is drawn over it
+
+
+def test_cam_overlay_script_refuses_bad_input_in_one_line(full_run: Path, tmp_path: Path) -> None:
+    ckpt = full_run / "runs/t/cls/checkpoints/best.ckpt"
+    image = next((full_run / "data").rglob("*.png"))
+    missing = _cam_overlay("--ckpt", str(tmp_path / "none.ckpt"), "--image", str(image))
+    assert (
+        missing.returncode == 2 and "--ckpt" in missing.stderr and "no such file" in missing.stderr
+    )
+    layer = _cam_overlay(
+        "--ckpt",
+        str(ckpt),
+        "--image",
+        str(image),
+        "--method",
+        "gradcam",
+        "--target-layer",
+        "no.such.layer",
+        "--out",
+        str(tmp_path / "x.png"),
+    )
+    assert layer.returncode == 2, layer.stderr
+    assert layer.stderr.startswith("cam_overlay.py: error:") and "no.such.layer" in layer.stderr
+    assert "Traceback" not in layer.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -165,7 +165,8 @@ def predict_images(
             if overlays:
                 rgb = to_rgb(read_image(f))
                 save_png_atomic(
-                    out / "overlays" / f"{name}.png", panel(rgb, draw_contours(rgb, mask))
+                    out / "overlays" / f"{name}.png",
+                    panel(rgb, draw_contours(rgb, mask), titles=("image", "prediction")),
                 )
     return len(files)
 

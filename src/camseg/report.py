@@ -121,7 +121,8 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
         if (run.seg / "figure_grid.png").is_file():
             lines += [
                 "",
-                "Image / CAM / pseudo-mask / prediction / ground truth:",
+                "Image / CAM / pseudo-mask / segmenter prediction / ground truth (yellow), "
+                "training patients:",
                 "",
                 "![grid](seg/figure_grid.png)",
             ]

@@ -179,12 +179,15 @@ class SegmenterModule(L.LightningModule):
             if self._overlays_written < self.overlays and "image_path" in batch:
                 image = to_rgb(read_image(batch["image_path"][i]))
                 right = draw_contours(image, p)
+                title = "prediction"
                 if full is not None and bool(batch["has_mask"][i]):
                     right = draw_contours(
                         right, full[i].cpu().numpy().astype(np.uint8), colour=GT_COLOUR
                     )
+                    title = "prediction, truth"
                 save_png_atomic(
-                    self.predictions_dir / "overlays" / f"{sid}.png", panel(image, right)
+                    self.predictions_dir / "overlays" / f"{sid}.png",
+                    panel(image, right, titles=("image", title)),
                 )
                 self._overlays_written += 1
 

@@ -23,7 +23,7 @@ from camseg.seg.metrics import SegMetrics, group_ids
 from camseg.seg.module import SegmenterModule, build_segmentation_net
 from camseg.training import build_trainer, save_config
 from camseg.utils.io import read_image, read_json, read_mask, save_png_atomic, write_json_atomic
-from camseg.utils.overlay import GT_COLOUR, cam_overlay, draw_contours, panel, to_rgb
+from camseg.utils.overlay import GT_COLOUR, cam_overlay, draw_contours, header, panel, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -290,11 +290,17 @@ def evaluate_train(
                     )
                 )
     if grid_rows:
-        save_png_atomic(out / "figure_grid.png", np.concatenate(grid_rows, axis=0))
+        n, gap = len(GRID_TITLES), 4  # the columns of _grid_row, panel's default gap
+        width = (grid_rows[0].shape[1] - gap * (n - 1)) // n
+        top = header(GRID_TITLES, [width] * n, gap)
+        save_png_atomic(out / "figure_grid.png", np.concatenate([top, *grid_rows], axis=0))
     if metric.update_count == 0:
         return None, new_masks
     values = metric.compute()
     return {k: float(values[k]) for k in ("dice", "iou", "sensitivity", "precision")}, new_masks
+
+
+GRID_TITLES = ("image", "CAM", "pseudo-mask", "prediction", "truth")
 
 
 def _grid_row(

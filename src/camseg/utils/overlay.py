@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from matplotlib import colormaps
 
@@ -72,8 +74,11 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.n
     return blend(rgb, heatmap(cam), alpha * (0.3 + 0.7 * np.clip(cam, 0, 1)))
 
 
-def panel(*images: np.ndarray, gap: int = 4) -> np.ndarray:
-    """Images of equal height side by side with a black gap."""
+def panel(*images: np.ndarray, gap: int = 4, titles: Sequence[str] | None = None) -> np.ndarray:
+    """Images of equal height side by side with a black gap; ``titles`` (one per image)
+    are written in a header strip above them."""
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"panel: {len(titles)} titles for {len(images)} images")
     h = max(im.shape[0] for im in images)
     parts = []
     for i, im in enumerate(images):
@@ -84,15 +89,54 @@ def panel(*images: np.ndarray, gap: int = 4) -> np.ndarray:
         parts.append(im)
         if i < len(images) - 1:
             parts.append(np.zeros((h, gap, 3), np.uint8))
-    return np.concatenate(parts, axis=1)
+    body = np.concatenate(parts, axis=1)
+    if titles is None:
+        return body
+    widths = [to_rgb(im).shape[1] for im in images]
+    return np.concatenate([header(titles, widths, gap), body], axis=0)
+
+
+def header(titles: Sequence[str], widths: Sequence[int], gap: int = 4) -> np.ndarray:
+    """A black strip with each title centred over its column (columns ``gap`` apart).
+
+    The font scales with the narrowest column; a long title is drawn smaller, and cut
+    short (ending in "..") if even the smallest font does not fit. Each title is drawn
+    in its own column, so no text reaches a neighbour or a gap.
+    """
+    import cv2
+
+    font, thickness, smallest = cv2.FONT_HERSHEY_SIMPLEX, 1, 0.25
+    base = float(np.clip(min(widths) / 320.0, 0.3, 1.0))
+
+    def text_width(text: str, scale: float) -> int:
+        return int(cv2.getTextSize(text, font, scale, thickness)[0][0])
+
+    line = max(cv2.getTextSize("Ag", font, base, thickness)[0][1], 6)
+    height = round(line * 2.2)
+    columns = []
+    for title, width in zip(titles, widths, strict=True):
+        scale = base
+        while scale > smallest and text_width(title, scale) > width - 4:
+            scale = max(scale * 0.9, smallest)
+        text = title
+        while text and text_width(text, scale) > width - 4:
+            text = text[:-3] + ".." if len(text) > 2 else ""
+        column = np.zeros((height, width, 3), np.uint8)
+        if text:
+            (tw, th), _ = cv2.getTextSize(text, font, scale, thickness)
+            org = (max((width - tw) // 2, 0), (height + th) // 2)
+            cv2.putText(column, text, org, font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+        columns.append(column)
+    return panel(*columns, gap=gap)
 
 
 def pseudo_overlay(
     image: np.ndarray, cam: np.ndarray, mask: np.ndarray, gt: np.ndarray | None = None
 ) -> np.ndarray:
-    """[image | CAM heatmap | pseudo-mask contours (+ ground truth in yellow)]."""
+    """[image | CAM heatmap | pseudo-mask contours (+ ground truth in yellow)], titled."""
     rgb = to_rgb(image)
     right = draw_contours(rgb, mask)
     if gt is not None:
         right = draw_contours(right, gt, colour=GT_COLOUR)
-    return panel(rgb, cam_overlay(image, cam), right)
+    titles = ("image", "CAM", "pseudo-mask, truth" if gt is not None else "pseudo-mask")
+    return panel(rgb, cam_overlay(image, cam), right, titles=titles)
