@@ -37,6 +37,7 @@ format: install
 
 bench: install
 	$(BIN)/python scripts/bench_cam.py
+	$(BIN)/python scripts/bench_pseudo.py
 	$(BIN)/python scripts/bench_train.py
 
 clean:

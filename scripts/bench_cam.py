@@ -54,7 +54,10 @@ def parse_args() -> argparse.Namespace:
         "--single-images", type=int, default=4, help="images timed for the one-at-a-time row (d)"
     )
     p.add_argument("--skip-libs", action="store_true", help="skip rows (e) and (f)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here")
+    return args
 
 
 def measure(

@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0])
     ap.add_argument("--save-cams", action="store_true")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
     bf16 = args.precision == "bf16"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
