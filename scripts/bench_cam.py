@@ -11,8 +11,9 @@ Rows (images/s, all K classes per image, same model and batch):
 Goals (DESIGN.md, "Speed goals"): (b) >= 0.95 (a); (c) >= 0.85 (a) / (sum scale^2 x 2);
 (c) >= 5 (d); (b) >= 5 (f).
 
+Defaults: resnet50, 512 px, batch 32, bf16 on a GPU; resnet18, 128 px, batch 16, fp32 on a CPU.
 Example:
-    python scripts/bench_cam.py --backbone resnet50 --size 512 --batch 16 --device cuda --precision bf16
+    python scripts/bench_cam.py --backbone resnet50 --size 512 --batch 32 --device cuda --precision bf16
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ from camseg.models.classifier import CamClassifier
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--backbone", default=None, help="default: resnet50 on cuda, resnet18 on cpu")
     p.add_argument("--source", default="torchvision", choices=["torchvision", "timm", "smp"])
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
+    p.add_argument("--batch", type=int, default=None, help="default: 32 on cuda, 16 on cpu")
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "32"])
+    p.add_argument(
+        "--precision", default=None, choices=["bf16", "32"], help="default: bf16 on cuda, 32 on cpu"
+    )
     p.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -55,8 +58,18 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--skip-libs", action="store_true", help="skip rows (e) and (f)")
     args = p.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch sees no CUDA device here")
+    # The README's two configurations: a GPU at full size, a CPU at a size it finishes quickly.
+    for name, on_gpu, on_cpu in (
+        ("backbone", "resnet50", "resnet18"),
+        ("size", 512, 128),
+        ("batch", 32, 16),
+        ("precision", "bf16", "32"),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if cuda else on_cpu)
     return args
 
 
