@@ -320,3 +320,16 @@ def test_cam_overlay_script_refuses_bad_input_in_one_line(full_run: Path, tmp_pa
     assert layer.stderr.startswith("cam_overlay.py: error:") and "no.such.layer" in layer.stderr
     assert "Traceback" not in layer.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_stage_run_alone_reproduces_its_result_in_the_full_pipeline(
+    full_run: Path, tmp_path: Path
+) -> None:
+    """Each stage starts from the seed: retraining the segmenter alone (same seed, same
+    pseudo-masks) writes the numbers the full cls -> pseudo -> seg run wrote."""
+    root = copy_run(full_run, tmp_path / "copy")
+    before = json.loads((root / "runs/t/seg/metrics.json").read_text())
+    run_pipeline(make_cfg(root, "stages=[seg]", "force=true"))
+    after = json.loads((root / "runs/t/seg/metrics.json").read_text())
+    for key in ("val", "test", "train_pseudo_vs_seg"):
+        assert after[key] == before[key], key

@@ -41,7 +41,6 @@ def run_pipeline(cfg: DictConfig) -> float | None:
     import lightning as L  # imported after the cheap checks: a typo fails in a blink
     import torch
 
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     results: dict[str, Any] = {}
@@ -49,6 +48,9 @@ def run_pipeline(cfg: DictConfig) -> float | None:
     for stage in stages:
         t0 = time.time()
         log.info("=== stage %s: %s ===", stage, run.stage(stage))
+        # Each stage starts from the seed itself, so a stage run alone on an existing run
+        # directory gives what it gives inside the full pipeline.
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         if stage == "cls":
             from camseg.cls.stage import run_cls
 
