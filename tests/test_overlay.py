@@ -55,3 +55,15 @@ def test_pseudo_overlay_is_three_titled_columns() -> None:
     right = body[:, 2 * 68 :]
     # The ground truth is drawn last, in yellow, over the identical pseudo-mask contour.
     assert (right[20, 20:40] == [255, 255, 0]).all()
+
+
+def test_stack_pads_narrower_rows_and_keeps_every_pixel() -> None:
+    from camseg.utils.overlay import stack
+
+    wide, narrow = _images([80], h=10)[0], _images([50], h=6)[0]
+    out = stack(wide, narrow, gap=2)
+    assert out.shape == (10 + 2 + 6, 80, 3)
+    np.testing.assert_array_equal(out[:10], wide)
+    assert not out[10:12].any()  # the gap
+    np.testing.assert_array_equal(out[12:, :50], narrow)
+    assert not out[12:, 50:].any()  # the padding

@@ -333,3 +333,39 @@ def test_a_stage_run_alone_reproduces_its_result_in_the_full_pipeline(
     after = json.loads((root / "runs/t/seg/metrics.json").read_text())
     for key in ("val", "test", "train_pseudo_vs_seg"):
         assert after[key] == before[key], key
+
+
+def test_images_of_different_sizes_go_through_all_three_stages(kit, tmp_path: Path) -> None:
+    """Patients scanned at 48 and at 64 px: pseudo-masks and predictions come back at each
+    image's own size."""
+    small = kit.tiny_records(patients=4, size=48, seed=0)
+    large = kit.tiny_records(patients=4, size=64, seed=1)
+    for r in large:
+        r.name, r.group = "L" + r.name, "L" + r.group
+    data = kit.write(tmp_path / "mixed", small + large, ["lesion"])
+    root = tmp_path / "root"
+    run_pipeline(
+        make_cfg(
+            root,
+            "data=default",
+            f"data.root={data}",
+            "data.image_size=48",
+            "data.in_channels=1",
+            "data.num_workers=0",
+            "model.monitor=val/loss",
+            "model.monitor_mode=min",
+        )
+    )
+    run = root / "runs/t"
+    manifest = json.loads((run / "pseudo/manifest.json").read_text())
+    sizes = set()
+    for row in manifest["samples"]:
+        image = Image.open(data / row["image"])
+        mask = Image.open(run / "pseudo" / row["mask"])
+        assert mask.size == image.size, row["id"]
+        sizes.add(image.size)
+    assert sizes == {(48, 48), (64, 64)}
+    for pred in (run / "seg/predictions").glob("*.png"):
+        stem = pred.stem
+        original = Image.open(data / "images" / f"{stem}.png")
+        assert Image.open(pred).size == original.size, stem

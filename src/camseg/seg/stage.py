@@ -23,7 +23,7 @@ from camseg.seg.metrics import SegMetrics, group_ids
 from camseg.seg.module import SegmenterModule, build_segmentation_net
 from camseg.training import build_trainer, save_config
 from camseg.utils.io import read_image, read_json, read_mask, save_png_atomic, write_json_atomic
-from camseg.utils.overlay import GT_COLOUR, cam_overlay, draw_contours, header, panel, to_rgb
+from camseg.utils.overlay import GT_COLOUR, cam_overlay, draw_contours, panel, stack, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -286,25 +286,29 @@ def evaluate_train(
             ):
                 grid_rows.append(
                     _grid_row(
-                        batch["image_path"][i], manifest, row, pred_np, gt.numpy().astype(np.uint8)
+                        batch["image_path"][i],
+                        manifest,
+                        row,
+                        pred_np,
+                        gt.numpy().astype(np.uint8),
+                        titled=not grid_rows,  # the first row carries the column titles
                     )
                 )
     if grid_rows:
-        n, gap = len(GRID_TITLES), 4  # the columns of _grid_row, panel's default gap
-        width = (grid_rows[0].shape[1] - gap * (n - 1)) // n
-        top = header(GRID_TITLES, [width] * n, gap)
-        save_png_atomic(out / "figure_grid.png", np.concatenate([top, *grid_rows], axis=0))
+        save_png_atomic(out / "figure_grid.png", stack(*grid_rows))
     if metric.update_count == 0:
         return None, new_masks
     values = metric.compute()
     return {k: float(values[k]) for k in ("dice", "iou", "sensitivity", "precision")}, new_masks
 
 
-GRID_TITLES = ("image", "CAM", "pseudo-mask", "prediction", "truth")
-
-
 def _grid_row(
-    image_path: str, manifest: Manifest, row: dict[str, Any], pred: np.ndarray, gt: np.ndarray
+    image_path: str,
+    manifest: Manifest,
+    row: dict[str, Any],
+    pred: np.ndarray,
+    gt: np.ndarray,
+    titled: bool = False,
 ) -> np.ndarray:
     image = to_rgb(read_image(image_path))
     cam_path = manifest.root / "cams" / f"{row['id']}.npz"
@@ -315,11 +319,11 @@ def _grid_row(
     else:
         cam = np.zeros(image.shape[:2], np.float32)
     pseudo = read_mask(manifest.root / row["mask"])
-    row_img = panel(
+    return panel(
         image,
         cam_overlay(image, cam),
         draw_contours(image, pseudo),
         draw_contours(image, pred),
         draw_contours(image, gt, colour=GT_COLOUR),
+        titles=("image", "CAM", "pseudo-mask", "prediction", "truth") if titled else None,
     )
-    return np.concatenate([row_img, np.zeros((4, row_img.shape[1], 3), np.uint8)], axis=0)

@@ -96,6 +96,21 @@ def panel(*images: np.ndarray, gap: int = 4, titles: Sequence[str] | None = None
     return np.concatenate([header(titles, widths, gap), body], axis=0)
 
 
+def stack(*rows: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Images (rows of a figure) one above the other with a black gap; narrower ones are
+    padded on the right, so rows of differently sized images stack too."""
+    width = max(r.shape[1] for r in rows)
+    parts = []
+    for i, r in enumerate(rows):
+        r = to_rgb(r)
+        if r.shape[1] != width:
+            r = np.concatenate([r, np.zeros((r.shape[0], width - r.shape[1], 3), np.uint8)], axis=1)
+        parts.append(r)
+        if i < len(rows) - 1:
+            parts.append(np.zeros((gap, width, 3), np.uint8))
+    return np.concatenate(parts, axis=0)
+
+
 def header(titles: Sequence[str], widths: Sequence[int], gap: int = 4) -> np.ndarray:
     """A black strip with each title centred over its column (columns ``gap`` apart).
 
