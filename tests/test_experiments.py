@@ -100,6 +100,12 @@ def test_hemorrhage_experiment_on_a_converted_ct_ich_fixture(tmp_path: Path) -> 
     assert manifest["policy"]["crf"] is not None
     seg = json.loads((run / "seg/metrics.json").read_text())
     assert seg["round"] == 2 and [r["round"] for r in seg["rounds"]] == [1, 2]
+    # Each round's validation score is recorded, and the best one is named.
+    scores = [r["val/dice"] for r in seg["rounds"]]
+    assert scores[0] == json.loads((run / "seg/round1/metrics.json").read_text())["val"]["val/dice"]
+    assert seg["best_round_by_val"] == 1 + scores.index(max(scores))
+    report = (run / "report.md").read_text()
+    assert "| self-training round | val/dice | test/dice |" in report
     assert (run / "seg/round1/metrics.json").is_file()
     relabelled = list((run / "seg/round1/relabel/masks").glob("*.png"))
     assert len(relabelled) == len(manifest["samples"])

@@ -369,3 +369,13 @@ def test_images_of_different_sizes_go_through_all_three_stages(kit, tmp_path: Pa
         stem = pred.stem
         original = Image.open(data / "images" / f"{stem}.png")
         assert Image.open(pred).size == original.size, stem
+
+
+def test_best_round_follows_the_monitor_and_its_mode() -> None:
+    from camseg.seg.stage import best_round
+
+    rounds = [{"round": 1, "m": 0.70}, {"round": 2, "m": 0.65}, {"round": 3, "m": 0.70}]
+    assert best_round(rounds, "m", "max") == 1  # the earliest of the tied best
+    assert best_round(rounds, "m", "min") == 2
+    assert best_round([*rounds, {"round": 4, "m": float("nan")}], "m", "max") is None
+    assert best_round([{"round": 1}], "m", "max") is None  # no validation score

@@ -102,6 +102,20 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
             lines.append(
                 f"Per patient Dice: {_fmt(test['test/dice_patient_mean'])} ± {_fmt(test.get('test/dice_patient_std'))}."
             )
+        if seg_m.get("rounds"):
+            monitor = seg_m.get("monitor")
+            lines += ["", f"| self-training round | {monitor} | test/dice |", "|---|---|---|"]
+            for r in seg_m["rounds"]:
+                lines.append(
+                    f"| {r['round']} | {_fmt(r.get(monitor))} | {_fmt(r.get('test/dice'))} |"
+                )
+            best = seg_m.get("best_round_by_val")
+            if best is not None and best != seg_m.get("round"):
+                lines += [
+                    "",
+                    f"Self-training did not help on validation: round {best} is best "
+                    f"(its model: `seg/round{best}/checkpoints/best.ckpt`; `seg.rounds={best}` keeps it).",
+                ]
         if quality:
             lines += [
                 "",

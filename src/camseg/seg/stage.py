@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +217,27 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     final = dict(history[-1])
     if rounds > 1:
         final["rounds"] = [
-            {"round": h["round"], "test/dice": h["test"].get("test/dice")} for h in history
+            {
+                "round": h["round"],
+                monitor: h["val"].get(monitor),
+                "test/dice": h["test"].get("test/dice"),
+            }
+            for h in history
         ]
+        chosen = best_round(final["rounds"], monitor, mode)
+        if chosen is not None:
+            final["best_round_by_val"] = chosen
+            if chosen != rounds:
+                log.warning(
+                    "stage seg: self-training did not help on validation: round %d has the best %s "
+                    "(%.4f vs %.4f in the last round); its model is %s; seg.rounds=%d would keep it",
+                    chosen,
+                    monitor,
+                    final["rounds"][chosen - 1][monitor],
+                    final["rounds"][-1][monitor],
+                    out / f"round{chosen}" / "checkpoints" / "best.ckpt",
+                    chosen,
+                )
     write_json_atomic(metrics_path, final)
     log.info(
         "stage seg: test Dice %.4f IoU %.4f -> %s",
@@ -226,6 +246,19 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         out,
     )
     return final
+
+
+def best_round(rounds: list[dict[str, Any]], monitor: str, mode: str) -> int | None:
+    """The round whose validation ``monitor`` is best (the earliest on a tie); None where
+    a round has no finite value (no ground truth in validation)."""
+    values: list[float] = []
+    for r in rounds:
+        v = r.get(monitor)
+        if v is None or not math.isfinite(v):
+            return None
+        values.append(float(v))
+    target = max(values) if mode == "max" else min(values)
+    return int(rounds[values.index(target)]["round"])
 
 
 @torch.no_grad()
