@@ -8,7 +8,7 @@ Rows (images/s, all K classes per image, same model and batch):
   (e) torchcam CAM and GradCAM          (if `torchcam` is importable)
   (f) pytorch-grad-cam GradCAM          (if `grad-cam` is importable)
 
-Goals (DESIGN.md, "Speed goals"): (b) >= 0.95 (a); (c) >= 0.85 (a) / (sum scale^2 x 2);
+Goals (docs/design.md, "Speed goals"): (b) >= 0.95 (a); (c) >= 0.85 (a) / (sum scale^2 x 2);
 (c) >= 5 (d); (b) >= 5 (f).
 
 Defaults: resnet50, 512 px, batch 32, bf16 on a GPU; resnet18, 128 px, batch 16, fp32 on a CPU.

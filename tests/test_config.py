@@ -80,7 +80,7 @@ def resolved(cfg: DictConfig) -> dict:
 
 
 def test_every_group_has_options() -> None:
-    # The groups DESIGN.md names; a missing one is a config tree regression.
+    # The groups docs/design.md names; a missing one is a config tree regression.
     for group in (
         "data",
         "model",

@@ -1,4 +1,4 @@
-"""The run directory: fixed names under ``${paths.runs_dir}/${run_name}`` (see DESIGN.md)."""
+"""The run directory: fixed names under ``${paths.runs_dir}/${run_name}`` (see docs/design.md)."""
 
 from __future__ import annotations
 
