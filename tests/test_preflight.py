@@ -59,28 +59,31 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (
             "pseudo.fg_threshold=abc",
-            r"^pseudo\.fg_threshold=abc: not a number; use a number in \[0, 1\]$",
+            r"^pseudo\.fg_threshold=abc: not a number; it must be in \[0, 1\]$",
         ),
         (
             "pseudo.fg_threshold=1.5",
-            r"^pseudo\.fg_threshold=1\.5: out of range; use a number in \[0, 1\]$",
+            r"^pseudo\.fg_threshold=1\.5: must be in \[0, 1\]$",
         ),
         (
             "pseudo.bg_threshold=0.6",
-            r"pseudo\.bg_threshold=0\.6 is above pseudo\.fg_threshold=0\.3",
+            r"pseudo\.bg_threshold=0\.6 > pseudo\.fg_threshold=0\.3: bg_threshold must be <= fg_threshold$",
         ),
-        ("data.batch_size=0", r"^data\.batch_size=0: out of range; use an integer >= 1$"),
-        ("data.batch_size=abc", r"^data\.batch_size=abc: not an integer; use an integer >= 1$"),
-        ("seg.batch_size=0", r"^seg\.batch_size=0: out of range; use an integer >= 1$"),
+        ("data.batch_size=0", r"^data\.batch_size=0: must be an integer >= 1$"),
+        (
+            "data.batch_size=abc",
+            r"^data\.batch_size=abc: not an integer; it must be an integer >= 1$",
+        ),
+        ("seg.batch_size=0", r"^seg\.batch_size=0: must be an integer >= 1$"),
         ("seg.batch_size=abc", r"^seg\.batch_size=abc: not an integer"),
-        ("model.max_epochs=0", r"^model\.max_epochs=0: out of range; use an integer >= 1$"),
-        ("data.image_size=-8", r"^data\.image_size=-8: out of range"),
-        ("seg.optimizer.lr=0", r"^seg\.optimizer\.lr=0: out of range; use a number > 0$"),
+        ("model.max_epochs=0", r"^model\.max_epochs=0: must be an integer >= 1$"),
+        ("data.image_size=-8", r"^data\.image_size=-8: must be an integer >= 1$"),
+        ("seg.optimizer.lr=0", r"^seg\.optimizer\.lr=0: must be > 0$"),
         (
             "data.val_fraction=1.2",
-            r"^data\.val_fraction=1\.2: out of range; use a number in \[0, 1\]$",
+            r"^data\.val_fraction=1\.2: must be in \[0, 1\]$",
         ),
-        ("cam.scales=[1.0,0]", r"^cam\.scales\[1\]=0: out of range; use a number > 0$"),
+        ("cam.scales=[1.0,0]", r"^cam\.scales\[1\]=0: must be > 0$"),
     ],
 )
 def test_bad_config_values_are_refused_before_anything_runs(
@@ -364,7 +367,7 @@ def test_cli_refusals_are_one_line_with_status_2(tmp_path: Path) -> None:
         assert code == 2 and len(lines) == 1, (name, stderr)
         assert lines[0].startswith("camseg: error: ") and "Traceback" not in stdout + stderr
     assert results["threshold"][0][1].strip() == (
-        "camseg: error: pseudo.fg_threshold=abc: not a number; use a number in [0, 1]"
+        "camseg: error: pseudo.fg_threshold=abc: not a number; it must be in [0, 1]"
     )
     assert "no labels.csv there" in results["typo"][0][1]
     assert not typo.exists() and not (tmp_path / "data").exists()

@@ -40,12 +40,13 @@ class Rule:
     nullable: bool = False
 
     def allowed(self) -> str:
-        what = "an integer" if self.kind is int else "a number"
+        """What the key must be: ``in [0, 1]``, ``an integer >= 1``, ``> 0``."""
+        prefix = "an integer " if self.kind is int else ""
         if self.low is not None and self.high is not None:
-            return f"{what} in [{_fmt(self.low)}, {_fmt(self.high)}]"
+            return f"{prefix}in [{_fmt(self.low)}, {_fmt(self.high)}]"
         if self.low is not None:
-            return f"{what} {'>' if self.low_open else '>='} {_fmt(self.low)}"
-        return what
+            return f"{prefix}{'>' if self.low_open else '>='} {_fmt(self.low)}"
+        return prefix.strip() or "a number"
 
 
 RULES: tuple[Rule, ...] = (
@@ -104,15 +105,15 @@ def _number(value: Any, kind: type) -> float | int | None:
 def _check_value(rule: Rule, key: str, value: Any) -> str | None:
     """One line naming the key, the value and the allowed range; None when ``value`` is fine."""
     if value is None:
-        return None if rule.nullable else f"{key} is null; use {rule.allowed()}"
+        return None if rule.nullable else f"{key} is null; it must be {rule.allowed()}"
     x = _number(value, rule.kind)
     if x is None:
         kind = "an integer" if rule.kind is int else "a number"
-        return f"{key}={value}: not {kind}; use {rule.allowed()}"
+        return f"{key}={value}: not {kind}; it must be {rule.allowed()}"
     too_low = rule.low is not None and (x <= rule.low if rule.low_open else x < rule.low)
     too_high = rule.high is not None and x > rule.high
     if too_low or too_high:
-        return f"{key}={value}: out of range; use {rule.allowed()}"
+        return f"{key}={value}: must be {rule.allowed()}"
     return None
 
 
@@ -156,7 +157,9 @@ def check_config(cfg: DictConfig) -> None:
         if value is _ABSENT or value is None:
             continue
         if not OmegaConf.is_list(value) or len(value) == 0:
-            errors.append(f"{rule.key}={value}: use a non-empty list, each {rule.allowed()}")
+            errors.append(
+                f"{rule.key}={value}: must be a non-empty list, each value {rule.allowed()}"
+            )
             continue
         for j, item in enumerate(value):
             error = _check_value(rule, f"{rule.key}[{j}]", item)
@@ -166,8 +169,8 @@ def check_config(cfg: DictConfig) -> None:
     fg, bg = values.get("pseudo.fg_threshold"), values.get("pseudo.bg_threshold")
     if fg is not None and bg is not None and float(bg) > float(fg):
         errors.append(
-            f"pseudo.bg_threshold={bg} is above pseudo.fg_threshold={fg}; "
-            "the background threshold must be <= the foreground threshold"
+            f"pseudo.bg_threshold={bg} > pseudo.fg_threshold={fg}: "
+            "bg_threshold must be <= fg_threshold"
         )
     val, test = values.get("data.val_fraction"), values.get("data.test_fraction")
     if val is not None and test is not None and float(val) + float(test) >= 1:
@@ -184,7 +187,8 @@ def check_data(cfg: DictConfig, run: RunDir) -> DatasetIndex:
 
     Every image and mask is decoded (the checks of ``camseg-data check``); files unchanged
     since the last check of this run directory (same size and mtime) are not decoded again.
-    The cache lives in the run directory, never in the dataset root.
+    The cache lives in the run directory (``<runs_dir>/<run_name>/preflight.json``, shared by
+    the jobs of a sweep), never in the dataset root.
 
     Raises:
         DatasetError: one line with the number of problems and the first ones.
@@ -199,7 +203,9 @@ def check_data(cfg: DictConfig, run: RunDir) -> DatasetIndex:
     classes = [str(c) for c in d.classes] if d.get("classes") else None
 
     t0 = time.time()
-    cache_path = run.root / CACHE_NAME
+    # The experiment's directory, not a sweep job's: every job of a sweep shares one cache.
+    base = Path(str(cfg.paths.runs_dir)) / str(cfg.run_name) if "paths" in cfg else run.root
+    cache_path = base / CACHE_NAME
     cache = _load_cache(cache_path, root)
     before = dict(cache)
     index, problems, decoded = check_root(root, classes, cache=cache)
