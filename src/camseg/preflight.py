@@ -95,11 +95,17 @@ def _number(value: Any, kind: type) -> float | int | None:
             value = float(value.strip())
         except ValueError:
             return None
-    if not isinstance(value, int | float) or not math.isfinite(value):
+    if not isinstance(value, int | float):
+        return None
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float range: no batch size or epoch count is that big
+        return None
+    if not math.isfinite(as_float):
         return None
     if kind is int:
-        return int(value) if float(value).is_integer() else None
-    return float(value)
+        return int(value) if as_float.is_integer() else None
+    return as_float
 
 
 def _check_value(rule: Rule, key: str, value: Any) -> str | None:
