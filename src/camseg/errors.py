@@ -28,13 +28,13 @@ class DatasetProblems(DatasetError):
     first few; ``problems`` holds the collected messages, ``total`` counts all of them.
     """
 
-    def __init__(self, root: object, problems: list[str], total: int, shown: int = 3) -> None:
+    def __init__(self, root: object, problems: list[str], total: int, shown: int = 2) -> None:
         self.root = root
         self.problems = list(problems)
         self.total = total
         super().__init__(self.summary(shown))
 
-    def summary(self, shown: int = 3) -> str:
+    def summary(self, shown: int = 2) -> str:
         if self.total == 1 and self.problems:
             return self.problems[0]
         head = self.problems[:shown]
