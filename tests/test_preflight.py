@@ -349,6 +349,7 @@ def test_cli_refusals_are_one_line_with_status_2(tmp_path: Path) -> None:
     commands = {
         "threshold": ["pseudo.fg_threshold=abc"],
         "typo": [f"data.root={typo}", "stages=[cls]"],
+        "victim": ["run_name=../../victim", "force=true"],
     }
     procs = {
         name: subprocess.Popen(
@@ -371,3 +372,6 @@ def test_cli_refusals_are_one_line_with_status_2(tmp_path: Path) -> None:
     )
     assert "no labels.csv there" in results["typo"][0][1]
     assert not typo.exists() and not (tmp_path / "data").exists()
+    # Hydra's log folder is named after run_name too: refused before it is made.
+    assert "run_name='../../victim': must be a single folder name" in results["victim"][0][1]
+    assert not (tmp_path / "victim").exists()
