@@ -311,9 +311,12 @@ def test_bad_masks_are_refused(tiny_dataset: Path, kit: DatasetKit) -> None:
         validate_root(tiny_dataset)
 
     bad[:] = 0
-    bad[1, 1] = 255  # 'ignore' belongs to pseudo-masks, never to ground truth
+    bad[1, 1] = 255  # 255 = ignore: pixels nobody could label are left out of the metrics
     Image.fromarray(bad).save(mask_path)
-    with pytest.raises(DatasetError, match=r"mask has value\(s\) \[255\]"):
+    validate_root(tiny_dataset)
+    bad[1, 1] = 254
+    Image.fromarray(bad).save(mask_path)
+    with pytest.raises(DatasetError, match=r"mask has value\(s\) \[254\]"):
         validate_root(tiny_dataset)
 
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(mask_path)

@@ -63,7 +63,7 @@ def test_images_give_masks_and_overlays(tmp_path: Path) -> None:
     Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(src / "sub" / "b.jpg")
     assert run([f"ckpt={ckpt}", f"input={src}", f"output={tmp_path / 'out'}", "device=cpu"]) == 0
     a = np.asarray(Image.open(tmp_path / "out/masks/a.png"))
-    b = np.asarray(Image.open(tmp_path / "out/masks/sub__b.png"))
+    b = np.asarray(Image.open(tmp_path / "out/masks/sub/b.png"))
     assert a.shape == (40, 50) and b.shape == (30, 30)
     assert set(np.unique(a)) <= {0, 1}
     assert (tmp_path / "out/overlays/a.png").is_file()

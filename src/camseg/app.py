@@ -58,13 +58,20 @@ def _precheck_overrides(argv: list[str]) -> str | None:
 
     try:
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            compose("config", overrides=overrides)
+            cfg = compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()
         msg = " ".join(line.strip() for line in first[:2] if line.strip())
         if e.__cause__ is not None:  # the reason, e.g. "Key 'x' is not in struct"
             msg += f" ({str(e.__cause__).strip().splitlines()[0]})"
         return msg or type(e).__name__
+    # Before Hydra makes its log folder, which is named after run_name.
+    from camseg.preflight import check_config
+
+    try:
+        check_config(cfg)
+    except CamsegError as e:
+        return str(e)
     return None
 
 

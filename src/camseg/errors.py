@@ -19,3 +19,28 @@ class ManifestError(CamsegError):
 
 class ConfigError(CamsegError):
     """A configuration value that cannot work."""
+
+
+class DatasetProblems(DatasetError):
+    """Every problem found in one dataset root (up to a cap), so all are fixed in one go.
+
+    ``str()`` is one line: the problem itself when there is one, else the count and the
+    first few; ``problems`` holds the collected messages, ``total`` counts all of them.
+    """
+
+    def __init__(self, root: object, problems: list[str], total: int, shown: int = 2) -> None:
+        self.root = root
+        self.problems = list(problems)
+        self.total = total
+        super().__init__(self.summary(shown))
+
+    def summary(self, shown: int = 2) -> str:
+        if self.total == 1 and self.problems:
+            return self.problems[0]
+        head = self.problems[:shown]
+        more = self.total - len(head)
+        tail = f"; ... and {more} more" if more else ""
+        return (
+            f"{self.root}: {self.total} problems: {'; '.join(head)}{tail} "
+            f"(camseg-data check {self.root} lists them)"
+        )

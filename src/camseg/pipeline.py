@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from camseg import preflight
 from camseg.constants import STAGES
 from camseg.errors import ConfigError
 from camseg.rundir import RunDir
@@ -35,11 +36,12 @@ def check_stages(stages: Any) -> list[str]:
 def run_pipeline(cfg: DictConfig) -> float | None:
     """Run ``cfg.stages``; return ``cfg.optimized_metric`` (for sweepers) when set."""
     stages = check_stages(cfg.get("stages"))
-    if not cfg.get("run_name"):
-        raise ConfigError("run_name is empty; give each experiment a name (run_name=my_experiment)")
+    preflight.check_config(cfg)  # run_name, types and ranges: before any path is built
     run = make_rundir(cfg, stages)
     import lightning as L  # imported after the cheap checks: a typo fails in a blink
     import torch
+
+    preflight.check_data(cfg, run)  # every image and mask, before stage 1 builds anything
 
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)

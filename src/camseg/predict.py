@@ -172,13 +172,49 @@ def predict_images(
 
 
 def _name(f: Path, root: Path) -> str:
+    """The output name of input ``f``: its path relative to the input folder, without suffix.
+
+    ``in/a/b.png`` gives ``masks/a/b.png`` (and ``in/a/v.nii.gz`` gives ``a/v_mask.nii.gz``),
+    so ``a/b.png`` and ``a__b.png`` stay apart; :func:`check_output_collisions` refuses
+    inputs that still share a name (``x.png`` and ``x.jpg``).
+    """
     rel = f.relative_to(root) if root.is_dir() else Path(f.name)
-    stem = str(rel)
+    stem = rel.as_posix()
     for suf in (".nii.gz", *VOLUME_SUFFIXES, *IMAGE_SUFFIXES):
         if stem.lower().endswith(suf):
             stem = stem[: -len(suf)]
             break
-    return stem.replace("/", "__")
+    return stem
+
+
+def output_path(f: Path, root: Path, out: Path) -> Path:
+    """Where the mask predicted for input ``f`` is written (as predict_images and predict_volume spell it)."""
+    if f.name.lower().endswith(VOLUME_SUFFIXES):
+        return out / f"{_name(f, root)}_mask.nii.gz"
+    return out / "masks" / f"{_name(f, root)}.png"
+
+
+def check_output_collisions(files: list[Path], root: Path, out: Path) -> None:
+    """Refuse inputs that would write the same output file, before anything is predicted.
+
+    Names are compared case-insensitively: on macOS and Windows ``X.png`` and ``x.png``
+    are one file.
+    """
+    seen: dict[str, Path] = {}
+    clashes: list[tuple[Path, Path, Path]] = []
+    for f in files:
+        dest = output_path(f, root, out)
+        first = seen.setdefault(dest.as_posix().casefold(), f)
+        if first != f:
+            clashes.append((first, f, dest))
+    if clashes:
+        a, b, dest = clashes[0]
+        raise CamsegError(
+            f"input={root}: {len(clashes)} input(s) would overwrite another's output, e.g. "
+            f"{a.relative_to(root) if root.is_dir() else a.name} and "
+            f"{b.relative_to(root) if root.is_dir() else b.name} both give {dest}; "
+            "rename or move one of each pair"
+        )
 
 
 def predict_volume(
@@ -272,6 +308,7 @@ def run(argv: list[str]) -> int:
     overlays = args.get("overlays", "true").lower() in ("1", "true", "yes")
     vols = [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
     imgs = [f for f in files if f not in vols]
+    check_output_collisions(files, root, out)
     out.mkdir(parents=True, exist_ok=True)
     if imgs:
         predict_images(model, imgs, root, out, batch, overlays)

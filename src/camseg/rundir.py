@@ -3,9 +3,55 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
-from camseg.errors import CamsegError
+from camseg.errors import CamsegError, ConfigError
+
+
+def check_run_name(value: Any) -> str:
+    """``run_name`` as one safe folder name under ``paths.runs_dir``, or a one-line ConfigError.
+
+    No separators, no ``..``, nothing that starts with ``.`` or ``-``, no control characters:
+    the run directory then always sits directly under ``paths.runs_dir``, so ``force=true``
+    never deletes anything outside it.
+    """
+    name = "" if value is None else str(value)
+    if not name.strip():
+        raise ConfigError("run_name is empty; give each experiment a name (run_name=my_experiment)")
+    bad = (
+        "/" in name
+        or "\\" in name
+        or name.startswith((".", "-"))
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+    if bad:
+        raise ConfigError(
+            f"run_name={name!r}: must be a single folder name under paths.runs_dir "
+            "(no '/', '\\' or '..', not starting with '.' or '-', no control characters), "
+            "e.g. run_name=my_experiment"
+        )
+    return name
+
+
+def check_output_subdir(value: Any) -> str | None:
+    """``output_subdir`` as a relative path inside the run directory (no ``..``), or None."""
+    if value is None or str(value) == "":
+        return None
+    sub = str(value)
+    p = PurePosixPath(sub)
+    if (
+        p.is_absolute()
+        or "\\" in sub
+        or ".." in p.parts
+        or (len(sub) > 1 and sub[1] == ":")
+        or any(ord(c) < 32 or ord(c) == 127 for c in sub)
+    ):
+        raise ConfigError(
+            f"output_subdir={sub!r}: must be a relative path inside the run directory "
+            "(no leading '/', no '..', no '\\'), e.g. output_subdir=ablations/no_crf"
+        )
+    return sub
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,25 @@ from camseg.errors import CamsegError
 
 def _check(args: argparse.Namespace) -> int:
     from camseg.data.folder import load_index, summarize, validate_root
+    from camseg.errors import DatasetProblems
 
     classes = args.classes.split(",") if args.classes else None
-    index = (
-        load_index(args.root, classes=classes)
-        if args.quick
-        else validate_root(args.root, classes=classes)
-    )
+    try:
+        index = (
+            load_index(args.root, classes=classes)
+            if args.quick
+            else validate_root(args.root, classes=classes)
+        )
+    except DatasetProblems as e:
+        if e.total == 1:
+            raise
+        # Every problem on its own line, so all can be fixed in one go.
+        for problem in e.problems:
+            print(f"camseg-data: error: {problem}", file=sys.stderr)
+        if e.total > len(e.problems):
+            print(f"camseg-data: error: ... and {e.total - len(e.problems)} more", file=sys.stderr)
+        print(f"camseg-data: {args.root}: {e.total} problems", file=sys.stderr)
+        return 2
     summary = summarize(index)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -200,8 +200,10 @@ class CamSegDataModule(L.LightningDataModule):
         mean, std: per-channel normalisation of [0,1] intensities.
         train_transforms: albumentations (or ``_target_`` configs) for training batches.
         predict_split: the split whose CAMs stage 2 computes (``train``, or ``all``).
-        synthetic: generator arguments; when set and ``root`` is absent, the synthetic
-            dataset is generated there on first use.
+        synthetic: generator arguments; when set and ``root`` has no labels.csv, the
+            synthetic dataset is generated there on first use.
+        data_dir: camseg's own data directory (``paths.data_dir``): the synthetic dataset is
+            generated only inside it; None lets a Python caller generate into ``root``.
     """
 
     def __init__(
@@ -223,6 +225,7 @@ class CamSegDataModule(L.LightningDataModule):
         train_transforms: Sequence[Any] | None = None,
         predict_split: str = "train",
         synthetic: dict | None = None,
+        data_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -242,6 +245,7 @@ class CamSegDataModule(L.LightningDataModule):
             raise ConfigError(f"data.predict_split='{predict_split}': use train, val, test or all")
         self.predict_split = predict_split
         self.synthetic = dict(synthetic) if synthetic else None
+        self.data_dir = data_dir
         self.index: DatasetIndex | None = None
         self.splits: dict[str, list[Sample]] = {}
         # Stage 3: the pseudo-mask of each training sample id.
@@ -251,10 +255,10 @@ class CamSegDataModule(L.LightningDataModule):
     # -- setup ---------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.synthetic is not None and not (self.root / "labels.csv").exists():
-            from camseg.data.synthetic import generate
+            from camseg.data.synthetic import generate_if_asked
 
             log.info("generating the synthetic dataset into %s", self.root)
-            generate(self.root, **self.synthetic)
+            generate_if_asked(self.root, self.synthetic, self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.index is not None:

@@ -10,6 +10,7 @@ and one 0/1 column per class. A row whose class columns are all 0 is a negative 
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -17,11 +18,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from camseg.constants import RESERVED_COLUMNS, SPLITS
-from camseg.errors import DatasetError
+from camseg.constants import IGNORE_INDEX, RESERVED_COLUMNS, SPLITS
+from camseg.errors import DatasetError, DatasetProblems
 from camseg.utils.io import read_image, read_mask
 
 LABELS_CSV = "labels.csv"
+# Problems kept for the report (all are counted): enough to see a pattern, not a flood.
+PROBLEM_CAP = 20
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,25 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]], list[int
     return [h for h in header if h], rows, lines
 
 
+class Problems:
+    """Problems found in one dataset root: every one counted, the first ``cap`` kept."""
+
+    def __init__(self, root: Path, cap: int = PROBLEM_CAP) -> None:
+        self.root = root
+        self.cap = cap
+        self.items: list[str] = []
+        self.total = 0
+
+    def add(self, message: str) -> None:
+        self.total += 1
+        if len(self.items) < self.cap:
+            self.items.append(message)
+
+    def raise_if_any(self) -> None:
+        if self.total:
+            raise DatasetProblems(self.root, self.items, self.total)
+
+
 def load_index(
     root: str | Path,
     classes: list[str] | None = None,
@@ -146,11 +168,31 @@ def load_index(
     Args:
         root: dataset root.
         classes: class columns to use, in this order; default all non-reserved columns.
-        check_files: check that every image and mask file exists.
+        check_files: check that every image and mask file exists and, symlinks resolved,
+            lies inside the root.
         require_positive: refuse a class with no positive row (it could never be learned).
 
     Raises:
-        DatasetError: with the file, row and column at fault and the fix.
+        DatasetError: with the file, row and column at fault and the fix; every faulty row
+            is reported (a :class:`DatasetProblems` when there are several).
+    """
+    problems = Problems(Path(root))
+    index, _ = _load_index(root, classes, check_files, require_positive, problems)
+    problems.raise_if_any()
+    return index
+
+
+def _load_index(
+    root: str | Path,
+    classes: list[str] | None,
+    check_files: bool,
+    require_positive: bool,
+    problems: Problems,
+) -> tuple[DatasetIndex, list[int]]:
+    """The index of the rows without problems, and each kept sample's row number.
+
+    Problems of the file as a whole (no labels.csv, no image column) raise at once; problems
+    of single rows go to ``problems`` and the row is left out.
     """
     root = Path(root)
     csv_path = root / LABELS_CSV
@@ -161,6 +203,12 @@ def load_index(
     if not csv_path.is_file():
         raise DatasetError(
             f"{csv_path}: not found; a dataset root needs a labels.csv (see README, 'Dataset format')"
+        )
+    real_root = root.resolve()
+    if check_files and not csv_path.resolve().is_relative_to(real_root):
+        raise DatasetError(
+            f"{csv_path}: resolves to {csv_path.resolve()}, outside the dataset root {real_root}; "
+            "copy the file into the root instead of linking it"
         )
     header, rows, lines = _read_csv(csv_path)
     if "image" not in header:
@@ -190,80 +238,117 @@ def load_index(
         raise DatasetError(f"{csv_path}: no rows; list one image per row")
 
     samples: list[Sample] = []
+    row_numbers: list[int] = []
     seen_images: dict[str, int] = {}
     seen_ids: dict[str, int] = {}
     for i, (row, line) in enumerate(zip(rows, lines, strict=True), start=1):
         where = f"{csv_path}: row {i} (line {line})"
-        image = _safe_relative(root, row.get("image", ""), where, "image")
-        if image in seen_images:
-            raise DatasetError(
-                f"{where}: image '{image}' is listed again (first in row {seen_images[image]}); keep one row per image"
-            )
-        seen_images[image] = i
-        mask = row.get("mask") or None
-        if mask is not None:
-            mask = _safe_relative(root, mask, where, "mask")
-        labels = []
-        for c in classes:
-            v = row.get(c, "")
-            if v not in ("0", "1"):
-                shown = v if v else "empty"
-                raise DatasetError(
-                    f"{where}: column '{c}' has value {shown}; class columns must be 0 or 1"
-                )
-            labels.append(int(v))
-        split = row.get("split") or None
-        if split is not None and split not in SPLITS:
-            raise DatasetError(
-                f"{where}: column 'split' has value '{split}'; use one of {list(SPLITS)} or leave it empty"
-            )
-        slice_v = row.get("slice") or None
-        slice_i = None
-        if slice_v is not None:
-            try:
-                slice_i = int(slice_v)
-            except ValueError:
-                raise DatasetError(
-                    f"{where}: column 'slice' has value '{slice_v}'; slice indices must be integers"
-                ) from None
-        sid = sample_id(image)
-        if sid in seen_ids:
-            raise DatasetError(
-                f"{where}: image '{image}' maps to the same sample id '{sid}' as row {seen_ids[sid]}; rename one of the files"
-            )
-        seen_ids[sid] = i
-        group = row.get("group") or sid
-        if check_files:
-            if not (root / image).is_file():
-                raise DatasetError(
-                    f"{where}: image file '{image}' not found under {root}; fix the path or add the file"
-                )
-            if mask is not None and not (root / mask).is_file():
-                raise DatasetError(
-                    f"{where}: mask file '{mask}' not found under {root}; fix the path or clear the 'mask' cell"
-                )
-        samples.append(Sample(sid, image, mask, group, split, slice_i, tuple(labels)))
+        try:
+            sample = _parse_row(root, row, where, classes, seen_images, seen_ids, i)
+            if check_files:
+                _check_row_files(root, real_root, sample, where)
+        except DatasetError as e:
+            problems.add(str(e))
+            continue
+        samples.append(sample)
+        row_numbers.append(i)
 
-    if require_positive:
+    # With rows left out, "no positive row" could be a consequence, not a problem of its own.
+    if require_positive and not problems.total:
         counts = np.array([s.labels for s in samples]).sum(axis=0)
         for c, n in zip(classes, counts, strict=True):
             if n == 0:
-                raise DatasetError(
+                problems.add(
                     f"{csv_path}: class '{c}' has no positive row; drop the column or add images that show it"
                 )
-    _check_split_groups(csv_path, samples)
+    _check_split_groups(csv_path, samples, problems)
     extra = [c for c in candidate if c not in classes]
-    return DatasetIndex(root=root, classes=list(classes), samples=samples, extra_columns=extra)
+    index = DatasetIndex(root=root, classes=list(classes), samples=samples, extra_columns=extra)
+    return index, row_numbers
 
 
-def _check_split_groups(csv_path: Path, samples: list[Sample]) -> None:
+def _parse_row(
+    root: Path,
+    row: dict[str, str],
+    where: str,
+    classes: list[str],
+    seen_images: dict[str, int],
+    seen_ids: dict[str, int],
+    i: int,
+) -> Sample:
+    image = _safe_relative(root, row.get("image", ""), where, "image")
+    if image in seen_images:
+        raise DatasetError(
+            f"{where}: image '{image}' is listed again (first in row {seen_images[image]}); keep one row per image"
+        )
+    seen_images[image] = i
+    mask = row.get("mask") or None
+    if mask is not None:
+        mask = _safe_relative(root, mask, where, "mask")
+    labels = []
+    for c in classes:
+        v = row.get(c, "")
+        if v not in ("0", "1"):
+            shown = v if v else "empty"
+            raise DatasetError(
+                f"{where}: column '{c}' has value {shown}; class columns must be 0 or 1"
+            )
+        labels.append(int(v))
+    split = row.get("split") or None
+    if split is not None and split not in SPLITS:
+        raise DatasetError(
+            f"{where}: column 'split' has value '{split}'; use one of {list(SPLITS)} or leave it empty"
+        )
+    slice_v = row.get("slice") or None
+    slice_i = None
+    if slice_v is not None:
+        try:
+            slice_i = int(slice_v)
+        except ValueError:
+            raise DatasetError(
+                f"{where}: column 'slice' has value '{slice_v}'; slice indices must be integers"
+            ) from None
+    sid = sample_id(image)
+    if sid in seen_ids:
+        raise DatasetError(
+            f"{where}: image '{image}' maps to the same sample id '{sid}' as row {seen_ids[sid]}; rename one of the files"
+        )
+    seen_ids[sid] = i
+    group = row.get("group") or sid
+    return Sample(sid, image, mask, group, split, slice_i, tuple(labels))
+
+
+def _check_row_files(root: Path, real_root: Path, s: Sample, where: str) -> None:
+    """The row's files exist and, symlinks followed, lie inside the dataset root."""
+    if not (root / s.image).is_file():
+        raise DatasetError(
+            f"{where}: image file '{s.image}' not found under {root}; fix the path or add the file"
+        )
+    if s.mask is not None and not (root / s.mask).is_file():
+        raise DatasetError(
+            f"{where}: mask file '{s.mask}' not found under {root}; fix the path or clear the 'mask' cell"
+        )
+    for column, rel in (("image", s.image), ("mask", s.mask)):
+        if rel is None:
+            continue
+        real = (root / rel).resolve()
+        if not real.is_relative_to(real_root):
+            raise DatasetError(
+                f"{where}: {column} file '{rel}' resolves to {real}, outside the dataset root {real_root} "
+                "(a symbolic link); copy the file into the root instead of linking it"
+            )
+
+
+def _check_split_groups(csv_path: Path, samples: list[Sample], problems: Problems) -> None:
     split_of: dict[str, str] = {}
+    reported: set[str] = set()
     for s in samples:
         if s.split is None:
             continue
         prev = split_of.setdefault(s.group, s.split)
-        if prev != s.split:
-            raise DatasetError(
+        if prev != s.split and s.group not in reported:
+            reported.add(s.group)
+            problems.add(
                 f"{csv_path}: group '{s.group}' is in both '{prev}' and '{s.split}' splits; "
                 "slices of one patient must stay on one side"
             )
@@ -280,39 +365,100 @@ def validate_root(root: str | Path, classes: list[str] | None = None) -> Dataset
 
     Raises:
         DatasetError: unreadable/truncated image, mask not single-channel, mask size
-            different from its image, mask values that are not class indices.
+            different from its image, mask values that are not class indices; a
+            :class:`DatasetProblems` listing them all when there are several.
     """
-    index = load_index(root, classes=classes, check_files=True)
-    k = len(index.classes)
-    for i, s in enumerate(index.samples, start=1):
-        row = f"{LABELS_CSV} row {i}"
-        ip = index.path(s.image)
-        try:
-            img = read_image(ip)
-        except Exception as e:  # PIL raises several types for bad files
-            raise DatasetError(
-                f"{ip} ({row}): cannot read image ({e}); re-export the file or remove its row"
-            ) from None
-        if s.mask is None:
-            continue
-        mp = index.path(s.mask)
-        try:
-            m = read_mask(mp)
-        except Exception as e:
-            raise DatasetError(
-                f"{mp} ({row}): cannot read mask ({e}); masks are single-channel PNGs of class indices"
-            ) from None
-        if m.shape != img.shape[:2]:
-            raise DatasetError(
-                f"{mp} ({row}): mask is {m.shape[1]}x{m.shape[0]} but image '{s.image}' is "
-                f"{img.shape[1]}x{img.shape[0]}; masks must have their image's size"
-            )
-        bad = np.setdiff1d(np.unique(m), np.arange(k + 1))
-        if bad.size:
-            raise DatasetError(
-                f"{mp} ({row}): mask has value(s) {bad.tolist()}; allowed are 0 (background) to {k} (one per class)"
-            )
+    index, problems, _ = check_root(root, classes)
+    problems.raise_if_any()
     return index
+
+
+def check_root(
+    root: str | Path,
+    classes: list[str] | None = None,
+    cache: dict[str, list[int]] | None = None,
+    cap: int = PROBLEM_CAP,
+) -> tuple[DatasetIndex, Problems, int]:
+    """Check everything and collect the problems: ``(index of the good rows, problems, #decoded)``.
+
+    The code behind ``camseg-data check`` and the preflight of every run. ``cache`` maps a
+    sample's files to their (size, mtime) stamp when they last passed; a sample whose stamp is
+    unchanged is not decoded again, and samples that pass are added to it.
+
+    Raises:
+        DatasetError: a problem of the root as a whole (no labels.csv, no image column, ...).
+    """
+    problems = Problems(Path(root), cap)
+    index, rows = _load_index(root, classes, True, True, problems)
+    k = len(index.classes)
+    decoded = 0
+    for s, i in zip(index.samples, rows, strict=True):
+        key = f"{s.image}\t{s.mask or ''}"
+        try:
+            stamp = _stamp(index, s, k)
+        except OSError as e:
+            problems.add(f"{index.path(s.image)} ({LABELS_CSV} row {i}): cannot read ({e})")
+            continue
+        if cache is not None and cache.get(key) == stamp:
+            continue
+        decoded += 1
+        found = sample_problems(index, s, f"{LABELS_CSV} row {i}")
+        for message in found:
+            problems.add(message)
+        if cache is not None:
+            if found:
+                cache.pop(key, None)
+            else:
+                cache[key] = stamp
+    return index, problems, decoded
+
+
+def _stamp(index: DatasetIndex, s: Sample, k: int) -> list[int]:
+    """What a cached result depends on: each file's size and mtime (ns), and the class count."""
+    out = []
+    for rel in (s.image, s.mask):
+        if rel is not None:
+            st = os.stat(index.path(rel))
+            out += [st.st_size, st.st_mtime_ns]
+    return [*out, k]
+
+
+def sample_problems(index: DatasetIndex, s: Sample, row: str) -> list[str]:
+    """Decode one sample's image and mask; the problems found (empty when it is usable).
+
+    Masks are single-channel, of their image's size, with values 0 (background), 1..K (one
+    per class) or 255 (ignore).
+    """
+    k = len(index.classes)
+    ip = index.path(s.image)
+    try:
+        img = read_image(ip)
+    except Exception as e:  # PIL raises several types for bad files
+        return [f"{ip} ({row}): cannot read image ({e}); re-export the file or remove its row"]
+    if s.mask is None:
+        return []
+    mp = index.path(s.mask)
+    try:
+        m = read_mask(mp)
+    except Exception as e:
+        return [
+            f"{mp} ({row}): cannot read mask ({e}); masks are single-channel PNGs of class indices"
+        ]
+    out = []
+    if m.shape != img.shape[:2]:
+        out.append(
+            f"{mp} ({row}): mask is {m.shape[1]}x{m.shape[0]} but image '{s.image}' is "
+            f"{img.shape[1]}x{img.shape[0]}; masks must have their image's size"
+        )
+    bad = np.setdiff1d(np.unique(m), [*range(k + 1), IGNORE_INDEX])
+    if bad.size:
+        names = ", ".join(f"{j} = {c}" for j, c in enumerate(index.classes, start=1))
+        out.append(
+            f"{mp} ({row}): mask has value(s) {bad.tolist()}; allowed are 0 (background) to {k} "
+            f"({names}) and {IGNORE_INDEX} (ignore); re-export the mask with these class indices "
+            "or add the missing class column(s) to labels.csv"
+        )
+    return out
 
 
 def summarize(index: DatasetIndex, with_sizes: bool = True) -> dict:

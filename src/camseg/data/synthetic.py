@@ -31,7 +31,6 @@ import csv
 import io
 import math
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from tqdm import tqdm
 from camseg import __version__
 from camseg.data.folder import LABELS_CSV
 from camseg.errors import ConfigError, DatasetError
-from camseg.utils.io import png_bytes
+from camseg.utils.io import png_bytes, remove_path
 
 FLAVORS = ("hemorrhage", "nodule")
 MIN_SIZE = 32
@@ -757,16 +756,14 @@ def generate(
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    if partial.exists():
-        shutil.rmtree(partial)
+    remove_path(partial, out.parent)
     try:
         n_pos, n_marked = _write_dataset(partial, spec)
         readme = _readme(spec, n_pos, n_marked)
         (partial / "README.md").write_text(readme, encoding="utf-8")
         _replace(partial, out, overwrite)
     finally:
-        if partial.exists():
-            shutil.rmtree(partial)
+        remove_path(partial, out.parent)
     return out
 
 
@@ -829,7 +826,33 @@ def _replace(partial: Path, out: Path, overwrite: bool) -> None:
         os.replace(out, old)
     os.replace(partial, out)
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
+        remove_path(old, out.parent)
+
+
+def generate_if_asked(
+    root: str | Path, spec: dict | None, data_dir: str | Path | None = None
+) -> bool:
+    """Generate the synthetic dataset into ``root`` when the data config asks for it.
+
+    Only a config with a generation ``spec`` (``data=synthetic``) generates, and only into
+    camseg's own data directory ``data_dir`` (``paths.data_dir``): a mistyped ``data.root``
+    is refused, never filled with 640 synthetic images. ``data_dir=None`` (a Python caller
+    naming ``root`` itself) generates into ``root``. Returns whether it generated.
+
+    Raises:
+        DatasetError: ``root`` lacks a labels.csv and lies outside ``data_dir``.
+    """
+    root = Path(root)
+    if not spec or (root / LABELS_CSV).is_file():
+        return False
+    if data_dir is not None:
+        base = Path(data_dir).resolve()
+        target = root.resolve()
+        if target == base or not target.is_relative_to(base):
+            raise DatasetError(
+                f"data.root={root}: no labels.csv there, and camseg generates its synthetic dataset "
+                f"only inside its data directory {base} (paths.data_dir), never into a folder you name; "
+                "fix the path, and add data=default to train on your own dataset"
+            )
+    generate(root, **spec)
+    return True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from camseg.pseudo.predict import CamPredictModule, PseudoLabelWriter, SampleInf
 from camseg.pseudo.quality import compute_quality, write_quality
 from camseg.rundir import RunDir
 from camseg.training import build_trainer
-from camseg.utils.io import read_json, sha256_file, write_json_atomic
+from camseg.utils.io import read_json, remove_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     # on disk, so all ranks agree on the samples to predict.
     if out.exists() and force and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         log.info("stage pseudo: force=true, removing %s", out)
-        shutil.rmtree(out)
+        remove_path(out, run.root)
     if prov_path.is_file() and not force:
         old = read_json(prov_path)
         if _fingerprint(old) != _fingerprint(provenance):

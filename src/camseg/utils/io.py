@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from camseg.errors import CamsegError
 
 
 def _current_umask() -> int:
@@ -44,6 +47,40 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_path(
+    path: str | os.PathLike[str], within: str | os.PathLike[str], ignore_errors: bool = False
+) -> None:
+    """Delete ``path`` (a folder tree, a file or a link) only if it lies inside ``within``.
+
+    Both are resolved with symlinks followed, and ``path`` must be strictly below
+    ``within``: a run name like ``../../x`` or a link pointing elsewhere never gets a
+    folder outside deleted. A link is removed itself, never its target. A missing
+    ``path`` is nothing to do.
+
+    Raises:
+        CamsegError: ``path`` is not inside ``within``.
+    """
+    p = Path(path)
+    if not (p.exists() or p.is_symlink()):
+        return
+    base = Path(within).resolve()
+    # A link is judged by where it sits (its target is not touched), anything else by what it is.
+    target = p.parent.resolve() / p.name if p.is_symlink() else p.resolve()
+    if target == base or not target.is_relative_to(base):
+        raise CamsegError(
+            f"refusing to delete {p}: it resolves to {target}, which is not inside {base}; "
+            "remove it by hand if it really is to go"
+        )
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=ignore_errors)
+        return
+    try:
+        p.unlink()
+    except OSError:
+        if not ignore_errors:
+            raise
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

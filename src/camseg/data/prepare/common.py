@@ -13,7 +13,6 @@ import csv
 import io
 import os
 import secrets
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from camseg.data.folder import LABELS_CSV, validate_root
 from camseg.errors import DatasetError
-from camseg.utils.io import write_text_atomic
+from camseg.utils.io import remove_path, write_text_atomic
 
 REPORT_CSV = "conversion_report.csv"
 REPORT_COLUMNS = ("kind", "patient", "slice", "file", "detail")
@@ -84,13 +83,13 @@ def staged_output(out: Path) -> Iterator[Path]:
     try:
         yield stage
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove_path(stage, out.parent, ignore_errors=True)
         raise
     if out.exists():
         old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
         os.replace(out, old)
         os.replace(stage, out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old, out.parent, ignore_errors=True)
     else:
         os.replace(stage, out)
 
