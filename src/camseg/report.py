@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from camseg import fingerprint
 from camseg.rundir import RunDir
 from camseg.utils.io import read_json, write_text_atomic
 
@@ -21,6 +23,35 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
+
+
+def _config_section(run: RunDir, done: dict[str, Any]) -> list[str]:
+    """Each finished stage's settings as its fingerprint recorded them, never this
+    invocation's config: a stage reused as it was must not be shown beside other values."""
+    lines = [
+        "## Config",
+        "",
+        "The settings and inputs each stage was made with, from its `fingerprint.json` "
+        "(keys that change no result, such as loader workers, are left out).",
+        "",
+    ]
+    for stage, stage_dir in (("cls", run.cls), ("pseudo", run.pseudo), ("seg", run.seg)):
+        if not done[stage]:
+            continue
+        fp = fingerprint.read(stage_dir)
+        lines += [f"### {stage}", ""]
+        if fp is None:
+            lines += [
+                f"Not recorded: made before camseg recorded fingerprints "
+                f"(`{stage}/{'provenance.json' if stage == 'pseudo' else 'config.yaml'}` "
+                "holds what it was started with).",
+                "",
+            ]
+            continue
+        body = [f"{k}: {json.dumps(v)}" for k, v in fp.inputs.items()]
+        body += [f"{k}: {json.dumps(v)}" for k, v in sorted(fp.config.items())]
+        lines += ["```yaml", *body, "```", ""]
+    return lines
 
 
 def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Path | None:
@@ -141,7 +172,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
                 "![grid](seg/figure_grid.png)",
             ]
         lines.append("")
-    lines += ["## Config", "", "```yaml", OmegaConf.to_yaml(cfg, resolve=True).rstrip(), "```", ""]
+    lines += _config_section(run, {"cls": cls_m, "pseudo": manifest, "seg": seg_m})
     write_text_atomic(run.report, "\n".join(lines))
     return run.report
 
