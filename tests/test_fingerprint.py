@@ -212,6 +212,34 @@ def test_finished_classifier_is_refused_with_another_config_reused_with_the_same
     run_pipeline(make_cfg(tmp_path, data, "stages=[cls]", "model.max_epochs=3"))  # reused
 
 
+def test_interrupted_training_resumes_only_with_the_settings_it_was_started_with(
+    full_run: Path, tmp_path: Path, data: Path
+) -> None:
+    root, run = copy_of(full_run, tmp_path)
+    for stage in ("cls", "seg"):
+        # The state a run killed after its first checkpoint leaves: no metrics.json, and a
+        # fingerprint that says the training was started and did not finish.
+        (run / stage / "metrics.json").unlink()
+        path = run / stage / "fingerprint.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "finished": False}))
+    with pytest.raises(CamsegError) as e:
+        run_pipeline(make_cfg(root, data, "stages=[cls]", "model.optimizer.lr=0.01"))
+    assert one_line(e) == (
+        f"{run / 'cls'}: its interrupted run was started with other settings "
+        "(model.optimizer.lr: 0.001 -> 0.01); force=true starts over, "
+        "ckpt_path=last resumes it with the new ones, or use another run_name"
+    )
+    with pytest.raises(
+        CamsegError,
+        match=r"seg: its interrupted run was started with other settings \(seg\.max_epochs: 1 -> 2",
+    ):
+        run_pipeline(make_cfg(root, data, "stages=[seg]", "seg.max_epochs=2"))
+    run_pipeline(make_cfg(root, data, "stages=[cls,seg]"))  # the same settings: resumed
+    for stage in ("cls", "seg"):
+        assert (run / stage / "metrics.json").is_file()
+        assert json.loads((run / stage / "fingerprint.json").read_text())["finished"] is True
+
+
 def test_cli_refuses_a_changed_finished_stage_in_one_line(
     full_run: Path, tmp_path: Path, data: Path
 ) -> None:

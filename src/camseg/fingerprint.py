@@ -203,17 +203,21 @@ class Fingerprint:
     stage: str
     config: dict[str, Any]
     inputs: dict[str, str | None]
+    # Training stages: False from the start of training until it finishes. None: stage 2,
+    # whose manifest says whether it is finished.
+    finished: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         from camseg import __version__
 
-        return {
+        out: dict[str, Any] = {
             "fingerprint_version": VERSION,
             "stage": self.stage,
             "camseg_version": __version__,
-            "inputs": self.inputs,
-            "config": self.config,
         }
+        if self.finished is not None:
+            out["finished"] = self.finished
+        return {**out, "inputs": self.inputs, "config": self.config}
 
 
 def stage_config(stage: str, cfg: DictConfig) -> dict[str, Any]:
@@ -292,7 +296,13 @@ def read(stage_dir: Path) -> Fingerprint | None:
         return None
     try:
         data = read_json(path)
-        return Fingerprint(str(data["stage"]), dict(data["config"]), dict(data["inputs"]))
+        finished = data.get("finished")
+        return Fingerprint(
+            str(data["stage"]),
+            dict(data["config"]),
+            dict(data["inputs"]),
+            None if finished is None else bool(finished),
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CamsegError(
             f"{path}: unreadable ({type(e).__name__}: {e}); force=true redoes the stage, or use another run_name"
@@ -307,14 +317,16 @@ def write(stage_dir: Path, fp: Fingerprint) -> None:
         write_json_atomic(stage_dir / FILENAME, fp.to_json())
 
 
-def mark_unfinished(stage_dir: Path, *done_markers: Path) -> None:
-    """Before a stage (re)trains: drop its fingerprint and done markers (rank 0 only), so
-    that a run killed half-way is resumed, not taken for the finished one it replaces."""
+def begin(stage_dir: Path, fp: Fingerprint, *done_markers: Path) -> None:
+    """Before a stage (re)trains: drop its done markers and record ``fp`` as unfinished
+    (rank 0 only), so that a run killed half-way is resumed, not taken for the finished
+    one it replaces, and is resumed only with the settings it was started with."""
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-        for path in (stage_dir / FILENAME, *done_markers):
+        for path in done_markers:
             path.unlink(missing_ok=True)
+        write_json_atomic(stage_dir / FILENAME, replace(fp, finished=False).to_json())
 
 
 _REDO = {
@@ -334,8 +346,13 @@ def _longer_training(stage: str, config: list[Change]) -> bool:
     ) and bool(epochs)
 
 
-def mismatch_message(stage_dir: Path, recorded: Fingerprint, current: Fingerprint) -> str | None:
-    """The one-line refusal for a stage made with other settings or inputs; None if equal."""
+def mismatch_message(
+    stage_dir: Path, recorded: Fingerprint, current: Fingerprint, interrupted: bool = False
+) -> str | None:
+    """The one-line refusal for a stage made with other settings or inputs; None if equal.
+
+    ``interrupted``: the stage's training was started with ``recorded`` and not finished.
+    """
     inputs = diff(recorded.inputs, current.inputs)
     config = diff(recorded.config, current.config)
     if not inputs and not config:
@@ -351,12 +368,16 @@ def mismatch_message(stage_dir: Path, recorded: Fingerprint, current: Fingerprin
     ]
     if any(c.key == LABELS for c in inputs):
         reasons.append("the dataset's labels.csv changed")
-    fixes = [f"force=true {_REDO.get(current.stage, 'redoes it')}"]
-    if not inputs and _longer_training(current.stage, config):
-        fixes.append("ckpt_path=last continues its training")
+    if interrupted:
+        fixes = ["force=true starts over", "ckpt_path=last resumes it with the new ones"]
+    else:
+        fixes = [f"force=true {_REDO.get(current.stage, 'redoes it')}"]
+        if not inputs and _longer_training(current.stage, config):
+            fixes.append("ckpt_path=last continues its training")
     fixes.append("or use another run_name")
     reason = "; ".join(reasons) + "; " if reasons else ""
-    return f"{stage_dir}: made with {what} ({'; '.join(parts)}); {reason}{', '.join(fixes)}"
+    made = "its interrupted run was started" if interrupted else "made"
+    return f"{stage_dir}: {made} with {what} ({'; '.join(parts)}); {reason}{', '.join(fixes)}"
 
 
 def check(
@@ -370,6 +391,11 @@ def check(
     compared. Raises :class:`CamsegError` naming the changed keys otherwise.
     """
     recorded = read(stage_dir)
+    if recorded is not None and recorded.finished is False:
+        raise CamsegError(
+            f"{stage_dir / FILENAME}: says the stage did not finish, yet its results are there; "
+            "force=true redoes it, or use another run_name"
+        )
     if recorded is None:
         if legacy_inputs:
             known = {k: current.inputs.get(k) for k in legacy_inputs}
@@ -389,3 +415,14 @@ def check(
     if message is not None:
         raise CamsegError(message)
     return True
+
+
+def check_interrupted(stage_dir: Path, current: Fingerprint) -> None:
+    """Before resuming an interrupted training: refuse one started with other settings or
+    inputs (its checkpoint would continue under the new ones, and record them)."""
+    recorded = read(stage_dir)
+    if recorded is None or recorded.finished is not False:
+        return  # started before camseg recorded fingerprints: resumed as before
+    message = mismatch_message(stage_dir, recorded, current, interrupted=True)
+    if message is not None:
+        raise CamsegError(message)

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from camseg import fingerprint
+from camseg.errors import CamsegError
 from camseg.rundir import RunDir
 from camseg.utils.io import read_json, write_text_atomic
 
@@ -38,8 +39,12 @@ def _config_section(run: RunDir, done: dict[str, Any]) -> list[str]:
     for stage, stage_dir in (("cls", run.cls), ("pseudo", run.pseudo), ("seg", run.seg)):
         if not done[stage]:
             continue
-        fp = fingerprint.read(stage_dir)
         lines += [f"### {stage}", ""]
+        try:
+            fp = fingerprint.read(stage_dir)
+        except CamsegError as e:
+            lines += [f"Unreadable: {e}", ""]
+            continue
         if fp is None:
             lines += [
                 f"Not recorded: made before camseg recorded fingerprints "

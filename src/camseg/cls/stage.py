@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -133,6 +134,7 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         log.info("stage cls: already complete (%s); force=true retrains", metrics_path)
         return read_json(metrics_path)
     if ckpt_path is None and run.cls_last.is_file() and not force:
+        fingerprint.check_interrupted(out, fp)
         log.info("stage cls: resuming the interrupted run from %s", run.cls_last)
         ckpt_path = str(run.cls_last)
     if not multilabel:
@@ -156,7 +158,7 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     warn_undefined_monitor(dm, monitor)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    fingerprint.mark_unfinished(out, metrics_path)
+    fingerprint.begin(out, fp, metrics_path)
     trainer = build_trainer(
         cfg,
         out,
@@ -187,7 +189,7 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json_atomic(metrics_path, metrics)
-        fingerprint.write(out, fp)
+        fingerprint.write(out, replace(fp, finished=True))
     log.info(
         "stage cls: val/auroc=%.4f test/auroc=%.4f -> %s",
         metrics["val"].get("val/auroc", float("nan")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,9 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         raise ConfigError(
             "seg.rounds > 1 (self-training) runs on one device; use trainer.devices=1 or seg.rounds=1"
         )
-    fingerprint.mark_unfinished(out, metrics_path)
+    if ckpt_path is None and not force and any(out.glob("**/checkpoints/last.ckpt")):
+        fingerprint.check_interrupted(out, fp)
+    fingerprint.begin(out, fp, metrics_path)
     history: list[dict[str, Any]] = []
     for r in range(1, rounds + 1):
         stage_dir = out if r == rounds else out / f"round{r}"
@@ -246,7 +249,7 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                     chosen,
                 )
     write_json_atomic(metrics_path, final)
-    fingerprint.write(out, fp)
+    fingerprint.write(out, replace(fp, finished=True))
     log.info(
         "stage seg: test Dice %.4f IoU %.4f -> %s",
         final["test"].get("test/dice", float("nan")),
