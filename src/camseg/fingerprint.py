@@ -222,9 +222,17 @@ class Fingerprint:
 
 def stage_config(stage: str, cfg: DictConfig) -> dict[str, Any]:
     """The resolved, flattened config keys that shape ``stage`` (see the module docstring)."""
-    tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    assert isinstance(tree, dict)
     scope = SCOPES[stage]
+    # Only the top-level nodes in scope are resolved: the rest may hold interpolations that
+    # resolve only inside a running Hydra app.
+    tree: dict[str, Any] = {}
+    for top in {p.split(".", 1)[0] for p in scope.include}:
+        node = cfg.get(top)
+        tree[top] = (
+            OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+            if OmegaConf.is_config(node)
+            else node
+        )
     return {k: v for k, v in flatten(_plain(tree)).items() if k in scope}
 
 
@@ -253,7 +261,7 @@ def manifest_digest(path: Path) -> str | None:
         return sha256_file(path)  # unreadable: any change of its bytes is a change
     if isinstance(data, dict):
         for field_path in _MANIFEST_VOLATILE:
-            parent = data
+            parent: Any = data
             for part in field_path[:-1]:
                 parent = parent.get(part) if isinstance(parent, dict) else None
             if isinstance(parent, dict):
@@ -303,7 +311,7 @@ def read(stage_dir: Path) -> Fingerprint | None:
             dict(data["inputs"]),
             None if finished is None else bool(finished),
         )
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CamsegError(
             f"{path}: unreadable ({type(e).__name__}: {e}); force=true redoes the stage, or use another run_name"
         ) from None
@@ -337,13 +345,14 @@ _REDO = {
 
 
 def _longer_training(stage: str, config: list[Change]) -> bool:
+    """Only more epochs were asked for (the scheduler's horizon follows them)."""
     keys = _CONTINUABLE.get(stage, set())
-    if not config or any(c.key not in keys for c in config):
-        return False
     epochs = [c for c in config if c.key.endswith(".max_epochs")]
-    return all(
-        isinstance(c.old, int) and isinstance(c.new, int) and c.new > c.old for c in epochs
-    ) and bool(epochs)
+    return (
+        bool(epochs)
+        and all(c.key in keys for c in config)
+        and all(isinstance(c.old, int) and isinstance(c.new, int) and c.new > c.old for c in epochs)
+    )
 
 
 def mismatch_message(
