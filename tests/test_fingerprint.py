@@ -296,9 +296,15 @@ def test_segmenter_of_pseudo_masks_redone_since_is_refused(
         "stage pseudo was redone since; force=true retrains the segmenter, or use another run_name"
     )
     assert (run / "seg/metrics.json").read_bytes() == seg_metrics
-    # The report shows each stage's own recorded settings, not this invocation's.
+    # The report (written by the pseudo run) says the segmenter is of the old pseudo-masks,
+    # and shows each stage's own recorded settings, not this invocation's.
     report = (run / "report.md").read_text()
-    assert "pseudo.fg_threshold: 0.6" in report
+    assert (
+        "| seg | stale: made from an earlier pseudo/manifest.json (stage pseudo was redone since) |"
+        in report
+    )
+    assert "**Stale**: made from an earlier pseudo/manifest.json" in report
+    assert "| pseudo | done |" in report and "pseudo.fg_threshold: 0.6" in report
 
 
 def test_pseudo_masks_of_a_classifier_redone_since_are_refused(

@@ -297,6 +297,26 @@ def check_upstream_complete(manifest: Path, stage_dir: Path) -> None:
         )
 
 
+def stale_inputs(stage_dir: Path, current: Mapping[str, str | None]) -> str | None:
+    """Why a finished stage no longer matches its upstream (for report.md), or None.
+
+    ``current``: digests of the inputs as they are now, e.g. ``{MANIFEST: ...}``.
+    """
+    try:
+        recorded = read(stage_dir)
+    except CamsegError:
+        return None
+    if recorded is None:
+        return None
+    changed = [k for k, v in current.items() if k in recorded.inputs and recorded.inputs[k] != v]
+    if not changed:
+        return None
+    redone = [f"stage {PRODUCED_BY[k]} was redone since" for k in changed if k in PRODUCED_BY]
+    return f"made from an earlier {', '.join(changed)}" + (
+        f" ({', '.join(redone)})" if redone else ""
+    )
+
+
 def read(stage_dir: Path) -> Fingerprint | None:
     """The recorded fingerprint of ``stage_dir``, or None where there is none."""
     path = stage_dir / FILENAME
