@@ -25,6 +25,12 @@ a moved dataset or run directory stays valid). Per stage:
 
 ``data.predict_split`` counts for stage 2 only. Values are compared after
 interpolations are resolved, so ``model.scheduler.T_max`` follows ``model.max_epochs``.
+
+When. The training stages record their fingerprint as ``"finished": false`` when
+training starts (removing ``metrics.json``) and as finished after ``metrics.json`` is
+written, so an interrupted training is resumed only with the settings it was started
+with. Only rank 0 writes. A stage made before fingerprints existed is reused with one
+warning, and nothing is recorded for it until it is redone.
 """
 
 from __future__ import annotations
@@ -272,7 +278,11 @@ def manifest_digest(path: Path) -> str | None:
 
 def seg_inputs(cfg: DictConfig, manifest: Path) -> dict[str, str | None]:
     """The input digests of stage 3: the dataset's labels and the manifest it trains on."""
-    return {LABELS: labels_digest(str(cfg.data.root)), MANIFEST: manifest_digest(manifest)}
+    root = OmegaConf.select(cfg, "data.root", default=None, throw_on_missing=False)
+    return {
+        LABELS: None if root in (None, "???") else labels_digest(str(root)),
+        MANIFEST: manifest_digest(manifest),
+    }
 
 
 def check_upstream_complete(manifest: Path, stage_dir: Path) -> None:
