@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from camseg import fingerprint
+from camseg.errors import CamsegError
 from camseg.rundir import RunDir
-from camseg.utils.io import read_json, write_text_atomic
+from camseg.utils.io import read_json, sha256_file, write_text_atomic
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -21,6 +24,64 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
+
+
+def _stale(run: RunDir, pseudo_done: bool, seg_done: bool) -> dict[str, str]:
+    """Finished stages whose upstream was redone since: their numbers are not of the
+    artifacts now beside them."""
+    out: dict[str, str] = {}
+    if pseudo_done and run.cls_best.is_file():
+        why = fingerprint.stale_inputs(
+            run.pseudo, {fingerprint.CLS_CHECKPOINT: sha256_file(run.cls_best)}
+        )
+        if why:
+            out["pseudo"] = why
+    if seg_done:
+        why = fingerprint.stale_inputs(
+            run.seg, {fingerprint.MANIFEST: fingerprint.manifest_digest(run.manifest)}
+        )
+        if why:
+            out["seg"] = why
+    return out
+
+
+def _stale_note(stale: dict[str, str], stage: str) -> list[str]:
+    if stage not in stale:
+        return []
+    return [f"**Stale**: {stale[stage]}; `stages=[{stage}] force=true` redoes it.", ""]
+
+
+def _config_section(run: RunDir, done: dict[str, Any]) -> list[str]:
+    """Each finished stage's settings as its fingerprint recorded them, never this
+    invocation's config: a stage reused as it was must not be shown beside other values."""
+    lines = [
+        "## Config",
+        "",
+        "The settings and inputs each stage was made with, from its `fingerprint.json` "
+        "(keys that change no result, such as loader workers, are left out).",
+        "",
+    ]
+    for stage, stage_dir in (("cls", run.cls), ("pseudo", run.pseudo), ("seg", run.seg)):
+        if not done[stage]:
+            continue
+        lines += [f"### {stage}", ""]
+        try:
+            fp = fingerprint.read(stage_dir)
+        except CamsegError as e:
+            lines += [f"Unreadable: {e}", ""]
+            continue
+        if fp is None:
+            lines += [
+                f"Not recorded: made before camseg recorded fingerprints "
+                f"(`{stage}/{'provenance.json' if stage == 'pseudo' else 'config.yaml'}` "
+                "holds what it was started with).",
+                "",
+            ]
+            continue
+        body = ["# inputs (sha256)", *(f"{k}: {json.dumps(v)}" for k, v in fp.inputs.items())]
+        body += ["# config", *(f"{k}: {json.dumps(v)}" for k, v in sorted(fp.config.items()))]
+        lines += ["```yaml", *body, "```", ""]
+    return lines
 
 
 def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Path | None:
@@ -39,10 +100,12 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
     seg_m = _load(run.seg / "metrics.json")
     lines = [f"# camseg report: `{run.name}`", ""]
     lines += ["| stage | status | wall time (s) |", "|---|---|---|"]
+    stale = _stale(run, manifest is not None, seg_m is not None)
     for stage, done in (("cls", cls_m), ("pseudo", manifest), ("seg", seg_m)):
         t = all_timings.get(stage)
         wall = "–" if t is None else f"{float(t):.1f}"
-        lines.append(f"| {stage} | {'done' if done else 'not run'} | {wall} |")
+        status = "not run" if not done else f"stale: {stale[stage]}" if stage in stale else "done"
+        lines.append(f"| {stage} | {status} | {wall} |")
     lines.append("")
     if cls_m:
         lines += [
@@ -63,6 +126,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
         lines += [
             "## Stage 2: pseudo-masks",
             "",
+            *_stale_note(stale, "pseudo"),
             f"{len(manifest['samples'])} samples ({manifest['dataset']['split']} split); CAM `{cam['method']}` at `{cam['target_layer']}`, "
             f"scales {cam['scales']}, flip {cam['flip']}; fg_threshold {pol['fg_threshold']}, bg_threshold {pol['bg_threshold']}, "
             f"CRF {'on' if pol['crf'] else 'off'}. Classifier sha256 `{manifest['classifier']['sha256'][:16]}…`.",
@@ -87,6 +151,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
         lines += [
             "## Stage 3: segmenter",
             "",
+            *_stale_note(stale, "seg"),
             f"`{seg_m.get('arch')}` / `{seg_m.get('encoder')}`, monitor `{seg_m.get('monitor')}`, {seg_m.get('epochs')} epochs.",
             "",
         ]
@@ -141,7 +206,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
                 "![grid](seg/figure_grid.png)",
             ]
         lines.append("")
-    lines += ["## Config", "", "```yaml", OmegaConf.to_yaml(cfg, resolve=True).rstrip(), "```", ""]
+    lines += _config_section(run, {"cls": cls_m, "pseudo": manifest, "seg": seg_m})
     write_text_atomic(run.report, "\n".join(lines))
     return run.report
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from camseg import fingerprint
 from camseg.cls.checkpoint import check_compatible
 from camseg.cls.module import ClassifierModule
 from camseg.data.datamodule import CamSegDataModule
@@ -123,13 +125,16 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     dm.setup("fit")
     ncfg = net_config(cfg, dm)
+    fp = fingerprint.compute("cls", cfg, {fingerprint.LABELS: fingerprint.labels_digest(dm.root)})
     if metrics_path.is_file() and ckpt_path is None and not force:
         done = run.cls_best if run.cls_best.is_file() else run.cls_last
         if done.is_file():  # the finished run must be the one this config describes
             check_compatible(done, dm.classes, ncfg)
+        fingerprint.check(out, fp)
         log.info("stage cls: already complete (%s); force=true retrains", metrics_path)
         return read_json(metrics_path)
     if ckpt_path is None and run.cls_last.is_file() and not force:
+        fingerprint.check_interrupted(out, fp)
         log.info("stage cls: resuming the interrupted run from %s", run.cls_last)
         ckpt_path = str(run.cls_last)
     if not multilabel:
@@ -153,6 +158,7 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     warn_undefined_monitor(dm, monitor)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
+    fingerprint.begin(out, fp, metrics_path)
     trainer = build_trainer(
         cfg,
         out,
@@ -183,6 +189,7 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json_atomic(metrics_path, metrics)
+        fingerprint.write(out, replace(fp, finished=True))
     log.info(
         "stage cls: val/auroc=%.4f test/auroc=%.4f -> %s",
         metrics["val"].get("val/auroc", float("nan")),

@@ -142,6 +142,20 @@ def sweep_counts(
     return out
 
 
+def lacking_files(out_dir: Path, ids: set[str], save_cams: bool, overlay_ids: set[str]) -> set[str]:
+    """The ids among ``ids`` whose mask (or CAMs, or overlay, where configured) is missing."""
+    lacking = set()
+    for sid in ids:
+        files = [out_dir / "masks" / f"{sid}.png"]
+        if save_cams:
+            files.append(out_dir / "cams" / f"{sid}.npz")
+        if sid in overlay_ids:
+            files.append(out_dir / "overlays" / f"{sid}.png")
+        if not all(f.is_file() for f in files):
+            lacking.add(sid)
+    return lacking
+
+
 class PseudoLabelWriter(BasePredictionWriter):
     """Writes each sample's artifacts, then its manifest row (the row marks it finished).
 

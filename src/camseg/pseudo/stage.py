@@ -12,14 +12,14 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from camseg import __version__
+from camseg import __version__, fingerprint
 from camseg.cam import PseudoMaskPolicy, build_cam_method
 from camseg.cam.layers import default_target_layer
 from camseg.cls.checkpoint import check_compatible, load_classifier
 from camseg.cls.stage import build_datamodule
 from camseg.constants import MANIFEST_SCHEMA_VERSION
 from camseg.errors import CamsegError, ConfigError
-from camseg.pseudo.predict import CamPredictModule, PseudoLabelWriter, SampleInfo
+from camseg.pseudo.predict import CamPredictModule, PseudoLabelWriter, SampleInfo, lacking_files
 from camseg.pseudo.quality import compute_quality, write_quality
 from camseg.rundir import RunDir
 from camseg.training import build_trainer
@@ -123,6 +123,14 @@ def _fingerprint(provenance: dict[str, Any]) -> dict[str, Any]:
     return fp
 
 
+def _inputs(provenance: dict[str, Any]) -> dict[str, str | None]:
+    """The input digests of stage 2, as its provenance records them."""
+    return {
+        fingerprint.LABELS: provenance.get("dataset", {}).get("labels_sha256"),
+        fingerprint.CLS_CHECKPOINT: provenance.get("classifier", {}).get("sha256"),
+    }
+
+
 def choose_overlays(ids_labels: list[tuple[str, tuple[int, ...]]], n: int) -> set[str]:
     """About 3/4 positives and 1/4 negatives, evenly spread over the sorted ids."""
     if n <= 0:
@@ -157,9 +165,11 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     policy = build_policy(cfg, multilabel)
     engine, cam_desc = build_engine(cfg, model, multilabel)
     provenance = _provenance(cfg, run, dm, cam_desc, policy)
+    fp = fingerprint.compute("pseudo", cfg, _inputs(provenance))
 
     prov_path = out / "provenance.json"
     force = bool(cfg.get("force", False))
+    legacy = False
     # Under DDP every rank runs this; only rank 0 deletes, and with force no rank trusts what is
     # on disk, so all ranks agree on the samples to predict.
     if out.exists() and force and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
@@ -167,6 +177,10 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         remove_path(out, run.root)
     if prov_path.is_file() and not force:
         old = read_json(prov_path)
+        # Stage 2 resumes sample by sample: its fingerprint, recorded when it started, is
+        # checked on every rerun, finished or not (before camseg recorded one: the inputs
+        # its provenance names).
+        legacy = not fingerprint.check(out, fp, legacy_inputs=_inputs(old))
         if _fingerprint(old) != _fingerprint(provenance):
             changed = sorted(
                 k for k in provenance if _fingerprint(old).get(k) != _fingerprint(provenance)[k]
@@ -177,11 +191,25 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             )
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(prov_path, provenance)
+    if not legacy:
+        fingerprint.write(out, fp)
 
     all_samples = dm.samples(dm.predict_split)
+    overlay_ids = choose_overlays(
+        [(s.id, s.labels) for s in all_samples], int(cfg.pseudo.get("overlays", 0))
+    )
+    save_cams = bool(cfg.pseudo.get("save_cams", True))
     rows_dir = out / "rows"
     done = {p.stem for p in rows_dir.glob("*.json")} if rows_dir.is_dir() and not force else set()
-    todo = [s for s in all_samples if s.id not in done]
+    # A row marks a sample done; one whose files are gone since is predicted again.
+    lacking = lacking_files(out, done, save_cams, overlay_ids)
+    if lacking:
+        log.warning(
+            "stage pseudo: %d samples marked done lack their files (e.g. %s); predicting them again",
+            len(lacking),
+            min(lacking),
+        )
+    todo = [s for s in all_samples if s.id not in done or s.id in lacking]
     log.info(
         "stage pseudo: %d samples, %d already done, %d to go",
         len(all_samples),
@@ -200,15 +228,12 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             )
             for s in all_samples
         }
-        overlay_ids = choose_overlays(
-            [(s.id, s.labels) for s in all_samples], int(cfg.pseudo.get("overlays", 0))
-        )
         writer = PseudoLabelWriter(
             out,
             infos,
             policy,
             dm.num_classes,
-            bool(cfg.pseudo.get("save_cams", True)),
+            save_cams,
             overlay_ids,
             list(cfg.pseudo.sweep_thresholds),
         )

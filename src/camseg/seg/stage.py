@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from camseg import fingerprint
 from camseg.cls.stage import build_datamodule, resolve_ckpt_path
 from camseg.constants import IGNORE_INDEX
 from camseg.data.datamodule import CamSegDataModule, collate
@@ -115,6 +117,10 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     )
     force = bool(cfg.get("force", False))
     if metrics_path.is_file() and ckpt_path is None and not force:
+        fingerprint.check_upstream_complete(run.manifest, out)
+        fingerprint.check(
+            out, fingerprint.compute("seg", cfg, fingerprint.seg_inputs(cfg, run.manifest))
+        )
         log.info("stage seg: already complete (%s); force=true retrains", metrics_path)
         return read_json(metrics_path)
     run.require(run.manifest, "pseudo")
@@ -129,6 +135,7 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         classes=dm.classes,
     )
     masks = check_manifest_masks(manifest, dm, bool(cfg.seg.get("skip_unlabelled", False)))
+    fp = fingerprint.compute("seg", cfg, fingerprint.seg_inputs(cfg, run.manifest))
     val_has_gt = any(s.mask for s in dm.samples("val"))
     monitor = str(cfg.seg.get("monitor", "auto"))
     if monitor == "auto":
@@ -152,6 +159,9 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         raise ConfigError(
             "seg.rounds > 1 (self-training) runs on one device; use trainer.devices=1 or seg.rounds=1"
         )
+    if ckpt_path is None and not force and any(out.glob("**/checkpoints/last.ckpt")):
+        fingerprint.check_interrupted(out, fp)
+    fingerprint.begin(out, fp, metrics_path)
     history: list[dict[str, Any]] = []
     for r in range(1, rounds + 1):
         stage_dir = out if r == rounds else out / f"round{r}"
@@ -239,6 +249,7 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                     chosen,
                 )
     write_json_atomic(metrics_path, final)
+    fingerprint.write(out, replace(fp, finished=True))
     log.info(
         "stage seg: test Dice %.4f IoU %.4f -> %s",
         final["test"].get("test/dice", float("nan")),
