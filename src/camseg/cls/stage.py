@@ -10,6 +10,7 @@ from typing import Any, cast
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from camseg.checkpoints import check_resumable, resume_context
 from camseg.cls.checkpoint import check_compatible
 from camseg.cls.module import ClassifierModule
 from camseg.data.datamodule import CamSegDataModule
@@ -134,8 +135,10 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         ckpt_path = str(run.cls_last)
     if not multilabel:
         check_multiclass_labels(dm)
-    if ckpt_path is not None:
-        check_compatible(Path(ckpt_path), dm.classes, ncfg)
+    if ckpt_path is not None:  # read safely and checked before Lightning touches it
+        explicit = cfg.get("ckpt_path") not in (None, "", "null")
+        label, fix = resume_context(ckpt_path, explicit, "cls")
+        check_resumable(check_compatible(Path(ckpt_path), dm.classes, ncfg, label, fix), label)
     net = instantiate(ncfg)
     module = ClassifierModule(
         net=net,
@@ -161,12 +164,16 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         mode=str(cfg.model.monitor_mode),
         resume=ckpt_path is not None,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     # Read before validate/test, which restore loop state from the best checkpoint.
     epochs, global_step = int(trainer.current_epoch), int(trainer.global_step)
     best = run.cls_best if run.cls_best.is_file() else run.cls_last
-    val = trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False)
-    test = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+    val = trainer.validate(
+        module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
+    )
+    test = trainer.test(
+        module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
+    )
     # Only numbers that a rerun with the same seed reproduces (wall time is in timings.json).
     metrics: dict[str, Any] = {
         "stage": "cls",
