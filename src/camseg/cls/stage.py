@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -139,7 +140,12 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         explicit = cfg.get("ckpt_path") not in (None, "", "null")
         label, fix = resume_context(ckpt_path, explicit, "cls")
         check_resumable(check_compatible(Path(ckpt_path), dm.classes, ncfg, label, fix), label)
-    net = instantiate(ncfg)
+    try:
+        net = instantiate(ncfg)
+    except InstantiationException as e:  # e.g. model.net.pretrained refused: keep its one line
+        if isinstance(e.__cause__, CamsegError):
+            raise e.__cause__ from None
+        raise
     module = ClassifierModule(
         net=net,
         optimizer=instantiate(cfg.model.optimizer),
