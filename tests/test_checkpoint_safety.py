@@ -468,7 +468,7 @@ def test_seg_ckpt_path_refuses_hostile_and_unfit_files(
     assert not (root / "runs" / "good" / "seg" / "checkpoints").exists()
 
 
-def test_a_segmenter_checkpoint_as_the_classifier_is_refused(
+def test_stage_pseudo_refuses_a_segmenter_or_truncated_classifier_checkpoint(
     real_run: Path, tmp_path: Path
 ) -> None:
     root = copy_stage(real_run, tmp_path / "r")
@@ -476,9 +476,19 @@ def test_a_segmenter_checkpoint_as_the_classifier_is_refused(
     best.parent.mkdir(parents=True)
     shutil.copy(real_run / "runs/good/seg/checkpoints/best.ckpt", best)
     with pytest.raises(
-        CheckpointError, match=r"best\.ckpt: a camseg segmenter checkpoint, not a classifier"
+        CheckpointError,
+        match=rf"{re.escape(str(best))}: a camseg segmenter checkpoint, not a classifier; give a "
+        r"stage-1 classifier checkpoint such as runs/<run>/cls/checkpoints/best\.ckpt$",
     ):
         run_pipeline(make_cfg(root, "stages=[pseudo]"))
+    damaged(best, "truncated", real_run / "runs/good/cls/checkpoints/best.ckpt")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{re.escape(str(best))}: truncated or corrupt checkpoint \(.*\); "
+        "re-run stage cls with force=true to rewrite it$",
+    ) as e:
+        run_pipeline(make_cfg(root, "stages=[pseudo]"))
+    assert_one_line(str(e.value))
 
 
 def test_a_truncated_last_checkpoint_on_auto_resume_says_how_to_go_on(

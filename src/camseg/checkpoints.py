@@ -112,8 +112,8 @@ def read_checkpoint(
             f"{label}: a camseg {found} checkpoint, not a {kind}; give {PLACES[kind]}"
         )
     raise CheckpointError(
-        f"{label}: not a camseg {kind} checkpoint (no net_config/class_names in its "
-        f"hyper-parameters); give {PLACES[kind]}"
+        f"{label}: not a camseg {kind} checkpoint (no state_dict, or no net_config/class_names "
+        f"in its hyper-parameters); give {PLACES[kind]}"
     )
 
 
