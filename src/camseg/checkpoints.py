@@ -81,7 +81,8 @@ def load_checkpoint(path: str | Path, label: str | None = None, fix: str | None 
             "(weights_only=True) and never runs code from a file"
         ) from None
     except (EOFError, RuntimeError, KeyError, ValueError, OSError) as e:
-        why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        why = text.splitlines()[0].split(". ")[0][:120] if text else type(e).__name__
         raise CheckpointError(f"{label}: truncated or corrupt checkpoint ({why}){tail}") from None
 
 
@@ -161,6 +162,18 @@ def _name(cfg: Mapping[str, Any], key: str, label: str) -> str:
     return v
 
 
+def _refuse_nested_targets(cfg: Mapping[str, Any], label: str, where: str = "net_config") -> None:
+    """Hydra calls every nested ``_target_`` it meets: none may hide in a stored config."""
+    for k, v in cfg.items():
+        if isinstance(v, Mapping):
+            if "_target_" in v:
+                raise CheckpointError(
+                    f"{label}: refused: {where}.{k}._target_={v['_target_']!r}; camseg never calls "
+                    "a target named in a file"
+                )
+            _refuse_nested_targets(v, label, f"{where}.{k}")
+
+
 def _unknown(cfg: Mapping[str, Any], allowed: tuple[str, ...], label: str) -> None:
     extra = sorted(str(k) for k in cfg if k not in allowed)
     if extra:
@@ -184,6 +197,7 @@ def classifier_kwargs(net_config: Mapping[str, Any], label: str) -> dict[str, An
         "pretrained",
         "dropout",
     )
+    _refuse_nested_targets(net_config, label)
     target = net_config.get("_target_", CAM_CLASSIFIER_TARGET)
     if target != CAM_CLASSIFIER_TARGET:
         raise CheckpointError(
@@ -249,6 +263,7 @@ def segmenter_kwargs(net_config: Mapping[str, Any], label: str) -> dict[str, Any
         "num_classes",
         "model_kwargs",
     )
+    _refuse_nested_targets(net_config, label)
     _unknown(net_config, allowed, label)
     arch = net_config.get("arch")
     known = smp.MODEL_ARCHITECTURES_MAPPING
