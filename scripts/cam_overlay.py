@@ -45,7 +45,8 @@ def main() -> None:
     if any(s <= 0 for s in args.scales):
         ap.error(f"--scales {args.scales}: every scale must be > 0")
 
-    model, hp = load_classifier(args.ckpt)
+    # weights_only=True and camseg's own model class: the checkpoint never runs code.
+    model, hp = load_classifier(args.ckpt, label=f"--ckpt {args.ckpt}")
     size, mean, std = 128, [0.5], [0.25]
     run_cfg = args.ckpt.parent.parent / "config.yaml"
     if run_cfg.is_file():

@@ -22,9 +22,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from camseg.checkpoints import (
+    SEGMENTER,
+    build_segmenter,
+    load_weights,
+    read_checkpoint,
+    segmenter_data_config,
+    state_dict,
+)
 from camseg.data.datamodule import to_channels
 from camseg.errors import CamsegError
-from camseg.seg.module import build_segmentation_net
 from camseg.utils.io import read_image, save_png_atomic, write_bytes_atomic
 from camseg.utils.overlay import draw_contours, panel, to_rgb
 
@@ -52,29 +59,19 @@ class Segmenter:
             raise CamsegError(
                 f"ckpt={path}: file not found; give a stage-3 checkpoint such as runs/<run>/seg/checkpoints/best.ckpt"
             )
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-        if (
-            "net_config" not in hp
-            or "data_config" not in hp
-            or "arch" not in (hp.get("net_config") or {})
-        ):
-            raise CamsegError(
-                f"ckpt={path}: not a camseg segmenter checkpoint (stage 3: runs/<run>/seg/checkpoints/*.ckpt)"
-            )
-        net_cfg = dict(hp["net_config"])
-        net_cfg["encoder_weights"] = None  # the checkpoint holds the weights
-        net = build_segmentation_net(**net_cfg)
-        net.load_state_dict(
-            {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        )
+        label = f"ckpt={path}"
+        # weights_only=True, and the network from camseg's whitelist: the file never runs code.
+        ckpt = read_checkpoint(path, SEGMENTER, label)
+        hp = ckpt["hyper_parameters"]
+        net = build_segmenter(hp["net_config"], label)
+        load_weights(net, state_dict(ckpt, label), label)
+        d = segmenter_data_config(hp, label)
         dev = torch.device(
             "cuda"
             if device == "auto" and torch.cuda.is_available()
             else ("cpu" if device == "auto" else device)
         )
         net.to(dev).eval()
-        d = hp["data_config"]
         views = 2 * int(d.get("context_slices", 0)) + 1
         base = int(d["in_channels"]) // views
         mean = (

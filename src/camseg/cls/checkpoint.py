@@ -1,4 +1,8 @@
-"""Rebuild a stage-1 classifier from its checkpoint alone (no config needed)."""
+"""Rebuild a stage-1 classifier from its checkpoint alone (no config needed).
+
+The file is read through :mod:`camseg.checkpoints` (``weights_only=True``, no fallback) and
+the network rebuilt from camseg's whitelist, never from the ``_target_`` it stores.
+"""
 
 from __future__ import annotations
 
@@ -6,56 +10,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 
-from camseg.errors import CamsegError
+from camseg.checkpoints import (
+    CLASSIFIER,
+    CheckpointError,
+    build_classifier,
+    classifier_kwargs,
+    load_weights,
+    read_checkpoint,
+    state_dict,
+)
 from camseg.models.classifier import CamClassifier
 
 
-def read_hparams(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CamsegError(f"{path}: cannot read checkpoint ({e})") from None
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hp or "net_config" not in hp or "class_names" not in hp:
-        raise CamsegError(
-            f"{path}: not a camseg classifier checkpoint (no net_config/class_names in its hyper-parameters)"
-        )
-    return ckpt
+def read_hparams(path: Path, label: str | None = None, fix: str | None = None) -> dict[str, Any]:
+    """The checkpoint (a dict), refused in one line unless it is a camseg classifier checkpoint."""
+    return read_checkpoint(path, CLASSIFIER, label, fix)
 
 
 def load_classifier(
-    path: str | Path, map_location: str | torch.device = "cpu"
+    path: str | Path, map_location: str | torch.device = "cpu", label: str | None = None
 ) -> tuple[CamClassifier, dict[str, Any]]:
     """Load a :class:`CamClassifier` and its hyper-parameters from a stage-1 checkpoint.
 
     The network is rebuilt with ``pretrained=False`` (the checkpoint holds the weights),
-    so loading never downloads anything.
+    so loading never downloads anything and never reads another file.
     """
     path = Path(path)
-    ckpt = read_hparams(path)
+    label = label or str(path)
+    ckpt = read_hparams(path, label)
     hp = dict(ckpt["hyper_parameters"])
-    net_cfg = dict(hp["net_config"])
-    net_cfg["pretrained"] = False
-    net: CamClassifier = instantiate(net_cfg)
-    state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CamsegError(
-            f"{path}: weights do not fit the network its config describes ({str(e).splitlines()[0]})"
-        ) from None
+    net = build_classifier(hp["net_config"], label)
+    assert isinstance(net, CamClassifier)
+    load_weights(net, state_dict(ckpt, label), label)
     net.to(map_location).eval()
     return net, hp
 
 
-def check_compatible(path: Path, class_names: list[str], net_config: dict | None = None) -> None:
-    """Refuse a checkpoint trained for other classes or another network, in one line."""
-    hp = read_hparams(path)["hyper_parameters"]
+def check_compatible(
+    path: Path,
+    class_names: list[str],
+    net_config: dict | None = None,
+    label: str | None = None,
+    fix: str | None = None,
+) -> dict[str, Any]:
+    """Refuse a checkpoint trained for other classes or another network, in one line.
+
+    Returns the checkpoint, so a caller can check more (e.g. that it can resume a fit).
+    """
+    label = label or str(path)
+    ckpt = read_hparams(path, label, fix)
+    hp = ckpt["hyper_parameters"]
+    classifier_kwargs(hp["net_config"], label)  # a foreign _target_ or key is refused here too
     if list(hp["class_names"]) != list(class_names):
-        raise CamsegError(
-            f"{path}: checkpoint was trained for classes {list(hp['class_names'])} but the dataset has {list(class_names)}; "
+        raise CheckpointError(
+            f"{label}: checkpoint was trained for classes {list(hp['class_names'])} but the dataset has {list(class_names)}; "
             "use the matching data config or another run_name"
         )
     if net_config is not None:
@@ -68,7 +77,8 @@ def check_compatible(path: Path, class_names: list[str], net_config: dict | None
             k: (theirs[k], ours[k]) for k in theirs if ours[k] is not None and theirs[k] != ours[k]
         }
         if diff:
-            raise CamsegError(
-                f"{path}: checkpoint is of another model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
+            raise CheckpointError(
+                f"{label}: checkpoint is of another model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
                 "use the model config it was trained with or another run_name"
             )
+    return ckpt

@@ -24,6 +24,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from camseg.checkpoints import plain_data
 from camseg.models.classifier import CamClassifier
 
 SPLITS = ("train", "val", "test")
@@ -146,6 +147,12 @@ class ClassifierModule(L.LightningModule):
         self.train_counts, self.val_counts, self.test_counts = (LabelCounts(k) for _ in SPLITS)
         # Detached (logits, labels) of the current epoch per split, on the device.
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in SPLITS}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain containers only (no OmegaConf, numpy), so the file loads with weights_only=True.
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain_data(checkpoint["hyper_parameters"])
+        checkpoint.pop("hparams_type", None)
 
     def logged_metric_names(self, splits: Sequence[str] = SPLITS) -> list[str]:
         """Every name this module logs for ``splits`` (the stage checks the monitor against them)."""

@@ -8,10 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from camseg import fingerprint
+from camseg.checkpoints import check_resumable, resume_context
 from camseg.cls.checkpoint import check_compatible
 from camseg.cls.module import ClassifierModule
 from camseg.data.datamodule import CamSegDataModule
@@ -139,9 +141,16 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         ckpt_path = str(run.cls_last)
     if not multilabel:
         check_multiclass_labels(dm)
-    if ckpt_path is not None:
-        check_compatible(Path(ckpt_path), dm.classes, ncfg)
-    net = instantiate(ncfg)
+    if ckpt_path is not None:  # read safely and checked before Lightning touches it
+        explicit = cfg.get("ckpt_path") not in (None, "", "null")
+        label, fix = resume_context(ckpt_path, explicit, "cls")
+        check_resumable(check_compatible(Path(ckpt_path), dm.classes, ncfg, label, fix), label)
+    try:
+        net = instantiate(ncfg)
+    except InstantiationException as e:  # e.g. model.net.pretrained refused: keep its one line
+        if isinstance(e.__cause__, CamsegError):
+            raise e.__cause__ from None
+        raise
     module = ClassifierModule(
         net=net,
         optimizer=instantiate(cfg.model.optimizer),
@@ -167,12 +176,16 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         mode=str(cfg.model.monitor_mode),
         resume=ckpt_path is not None,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     # Read before validate/test, which restore loop state from the best checkpoint.
     epochs, global_step = int(trainer.current_epoch), int(trainer.global_step)
     best = run.cls_best if run.cls_best.is_file() else run.cls_last
-    val = trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False)
-    test = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+    val = trainer.validate(
+        module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
+    )
+    test = trainer.test(
+        module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
+    )
     # Only numbers that a rerun with the same seed reproduces (wall time is in timings.json).
     metrics: dict[str, Any] = {
         "stage": "cls",

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from camseg.checkpoints import load_checkpoint
 from camseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -383,17 +384,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # Lightning checkpoints may pickle hyper-parameters; the file is the user's own.
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
+            return load_file(str(path))
+        except Exception as e:  # safetensors holds no code; a damaged file is still one line
             raise ConfigError(
-                f"model.net.pretrained='{path}': cannot read it as a torch checkpoint ({type(e).__name__})"
+                f"model.net.pretrained='{path}': cannot read it as safetensors ({str(e).splitlines()[0][:120]})"
             ) from None
+    # weights_only=True and no fallback: a weight file never runs code (camseg's own
+    # Lightning checkpoints hold only tensors and plain data, so they load like this too).
+    state = load_checkpoint(
+        path, f"model.net.pretrained='{path}'", "give a state dict or checkpoint of tensors"
+    )
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in state and isinstance(state[key], dict):

@@ -155,7 +155,7 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     out = run.pseudo
     dm = build_datamodule(cfg)
     dm.setup("predict")
-    check_compatible(run.cls_best, dm.classes)
+    check_compatible(run.cls_best, dm.classes, fix="re-run stage cls with force=true to rewrite it")
     model, hp = load_classifier(run.cls_best)
     multilabel = bool(hp.get("multilabel", True))
     if int(hp["net_config"].get("in_channels", dm.in_channels)) != dm.in_channels:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camseg.checkpoints import plain_data
 from camseg.errors import ConfigError
 from camseg.seg.losses import build_loss
 from camseg.seg.metrics import SegMetrics, group_ids
@@ -98,6 +99,12 @@ class SegmenterModule(L.LightningModule):
         self.overlays = overlays
         self.channels_last = channels_last
         self._overlays_written = 0
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain containers only (no OmegaConf, numpy), so the file loads with weights_only=True.
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain_data(checkpoint["hyper_parameters"])
+        checkpoint.pop("hparams_type", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

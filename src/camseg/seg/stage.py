@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from camseg import fingerprint
+from camseg.checkpoints import check_resumable, check_segmenter, resume_context
 from camseg.cls.stage import build_datamodule, resolve_ckpt_path
 from camseg.constants import IGNORE_INDEX
 from camseg.data.datamodule import CamSegDataModule, collate
@@ -187,16 +188,24 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             mode=mode,
             resume=resume is not None,
         )
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        if resume is not None:  # read safely and checked before Lightning touches it
+            label, fix = resume_context(resume, resume == ckpt_path, "seg")
+            ckpt = check_segmenter(resume, module.hparams["net_config"], dm.classes, label, fix)
+            check_resumable(ckpt, label)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
         best = stage_dir / "checkpoints" / "best.ckpt"
         if not best.is_file():
             best = stage_dir / "checkpoints" / "last.ckpt"
         val = (
-            trainer.validate(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+            trainer.validate(
+                module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
+            )
             if val_has_gt
             else [{}]
         )
-        test = trainer.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+        test = trainer.test(
+            module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
+        )
         if not trainer.is_global_zero:
             return {}
         train_cmp, relabel = evaluate_train(
