@@ -131,7 +131,9 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     if metrics_path.is_file() and ckpt_path is None and not force:
         done = run.cls_best if run.cls_best.is_file() else run.cls_last
         if done.is_file():  # the finished run must be the one this config describes
-            check_compatible(done, dm.classes, ncfg)
+            check_compatible(
+                done, dm.classes, ncfg, fix="force=true retrains the classifier from scratch"
+            )
         fingerprint.check(out, fp)
         log.info("stage cls: already complete (%s); force=true retrains", metrics_path)
         return read_json(metrics_path)
