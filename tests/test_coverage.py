@@ -360,6 +360,8 @@ def test_segmenter_that_predicts_nothing_is_flagged(
     assert "stage seg: WARNING: the segmenter predicts no 'lesion' on any val image" in caplog.text
     report = (run / "report.md").read_text()
     assert "**Segmenter:** the segmenter predicts no 'lesion' on any val image" in report
+    # The stop was turned off, but the empty pseudo-masks are still said.
+    assert "**Pseudo-masks:** no pseudo-mask has any foreground of ['lesion']" in report
 
 
 def test_a_healthy_policy_on_the_same_classifier_is_not_stopped(stopped, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from camseg.pseudo.coverage import coverage_problem
+from camseg.pseudo.coverage import coverage_problem, empty_classes
 from camseg.rundir import RunDir
 from camseg.utils.io import read_json, write_text_atomic
 
@@ -164,6 +164,11 @@ def _warning_lines(
         if problem:
             stopped = "the run stopped after stage 2: " if not seg_m else ""
             found.append(f"**Pseudo-masks:** {stopped}{problem}.")
+        elif empty_classes(quality["coverage"]):
+            found.append(
+                f"**Pseudo-masks:** no pseudo-mask has any foreground of {empty_classes(quality['coverage'])} "
+                f"on a positive image (the coverage check is off: pseudo.min_positive_coverage={min_cov:g})."
+            )
     for w in (seg_m or {}).get("warnings", []):
         found.append(f"**Segmenter:** {w}.")
     if not found:

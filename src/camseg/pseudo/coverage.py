@@ -187,6 +187,15 @@ def coverage_problem(
     )
 
 
+def empty_classes(coverage: dict[str, Any]) -> list[str]:
+    """Classes with positive images none of whose pseudo-masks has a pixel of the class."""
+    return [
+        name
+        for name, c in coverage["per_class"].items()
+        if c["positives"] and not c["with_foreground"]
+    ]
+
+
 def stop_if_uncovered(
     coverage: dict[str, Any] | None,
     min_coverage: float,
@@ -251,6 +260,15 @@ def stop_if_uncovered_run(cfg: Any, run: Any, provenance: dict[str, Any]) -> Non
         else coverage_problem(coverage, min_coverage, provenance.get("policy"))
     )
     if problem is None:
+        if coverage is not None and empty_classes(coverage):
+            # The stop is off, but the loudest case still gets said.
+            log.warning(
+                "stage pseudo: WARNING: no pseudo-mask has foreground of class(es) %s on any "
+                "positive image (pseudo.min_positive_coverage=%g does not stop the run); see %s",
+                empty_classes(coverage),
+                min_coverage,
+                path,
+            )
         return
     log.error("stage pseudo: %s", problem)
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
