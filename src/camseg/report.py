@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from camseg import fingerprint
 from camseg.errors import CamsegError
+from camseg.pseudo.coverage import coverage_problem, empty_classes
 from camseg.rundir import RunDir
 from camseg.utils.io import read_json, sha256_file, write_text_atomic
 
@@ -107,6 +108,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
         status = "not run" if not done else f"stale: {stale[stage]}" if stage in stale else "done"
         lines.append(f"| {stage} | {status} | {wall} |")
     lines.append("")
+    lines += _warning_lines(cfg, quality, manifest, seg_m)
     if cls_m:
         lines += [
             "## Stage 1: classifier",
@@ -132,7 +134,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
             f"CRF {'on' if pol['crf'] else 'off'}. Classifier sha256 `{manifest['classifier']['sha256'][:16]}…`.",
             "",
         ]
-        if quality:
+        if quality and "sweep" in quality:
             sw = quality["sweep"]
             lines += [
                 "| pseudo-masks vs ground truth | Dice | IoU |",
@@ -146,6 +148,8 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
                 "![threshold sweep](pseudo/threshold_sweep.png)",
                 "",
             ]
+        if quality and "coverage" in quality:
+            lines += _coverage_lines(quality["coverage"])
     if seg_m:
         test = seg_m.get("test", {})
         lines += [
@@ -181,7 +185,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
                     f"Self-training did not help on validation: round {best} is best "
                     f"(its model: `seg/round{best}/checkpoints/best.ckpt`; `seg.rounds={best}` keeps it).",
                 ]
-        if quality:
+        if quality and "dice" in quality:
             lines += [
                 "",
                 "Pseudo-masks alone vs segmenter (Dice vs ground truth):",
@@ -209,6 +213,60 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
     lines += _config_section(run, {"cls": cls_m, "pseudo": manifest, "seg": seg_m})
     write_text_atomic(run.report, "\n".join(lines))
     return run.report
+
+
+def _warning_lines(
+    cfg: DictConfig,
+    quality: dict[str, Any] | None,
+    manifest: dict[str, Any] | None,
+    seg_m: dict[str, Any] | None,
+) -> list[str]:
+    """Loud failures, at the top of the page: uncovered pseudo-masks, a segmenter that predicts nothing."""
+    found: list[str] = []
+    if quality and manifest and "coverage" in quality:
+        min_cov = float(cfg.get("pseudo", {}).get("min_positive_coverage", 0.0) or 0.0)
+        problem = coverage_problem(quality["coverage"], min_cov, manifest.get("policy"))
+        if problem:
+            stopped = "the run stopped after stage 2: " if not seg_m else ""
+            found.append(f"**Pseudo-masks:** {stopped}{problem}.")
+        elif empty_classes(quality["coverage"]):
+            found.append(
+                f"**Pseudo-masks:** no pseudo-mask has any foreground of {empty_classes(quality['coverage'])} "
+                f"on a positive image (the coverage check is off: pseudo.min_positive_coverage={min_cov:g})."
+            )
+    for w in (seg_m or {}).get("warnings", []):
+        found.append(f"**Segmenter:** {w}.")
+    if not found:
+        return []
+    return ["## Warnings", "", *(f"- {w}" for w in found), ""]
+
+
+def _pct(d: dict[str, float] | None) -> str:
+    if d is None:
+        return "–"
+    return " / ".join(f"{100 * d[k]:.2g}" for k in ("p10", "median", "p90"))
+
+
+def _coverage_lines(coverage: dict[str, Any]) -> list[str]:
+    lines = [
+        "| class | positives | with foreground | positive coverage | pseudo-mask area % (p10 / median / p90) "
+        "| CAM ≥ fg_threshold area % | truth area % | ignore on positives / negatives |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in coverage["per_class"].items():
+        ip, ineg = c["ignore_fraction_positives"], c["ignore_fraction_negatives"]
+        lines.append(
+            f"| {name} | {c['positives']} | {c['with_foreground']} | {_fmt(c['positive_coverage'])} "
+            f"| {_pct(c['pseudo_area'])} | {_pct(c['cam_support_area'])} | {_pct(c.get('gt_area'))} "
+            f"| {_fmt(ip)} / {_fmt(ineg)} |"
+        )
+    lines += [
+        "",
+        "Coverage of the positive images: areas are shares of the image; the CAM area is measured "
+        "before CRF refinement and small-blob clean-up.",
+        "",
+    ]
+    return lines
 
 
 __all__ = ["write_report"]

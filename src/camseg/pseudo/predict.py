@@ -156,6 +156,12 @@ def lacking_files(out_dir: Path, ids: set[str], save_cams: bool, overlay_ids: se
     return lacking
 
 
+def _class_fractions(mask: np.ndarray, num_classes: int) -> list[float]:
+    """Share of the pixels labelled 1..K, one bincount for all classes."""
+    counts = np.bincount(mask.ravel(), minlength=256)[1 : num_classes + 1]
+    return [float(v) for v in counts / mask.size]
+
+
 class PseudoLabelWriter(BasePredictionWriter):
     """Writes each sample's artifacts, then its manifest row (the row marks it finished).
 
@@ -231,6 +237,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         if mask is None or sid in self.overlay_ids:
             image = read_image(info.image_path)
         probs = cams.astype(np.float32)
+        # What the classifier found before refinement, beside what the policy keeps (coverage).
+        cam_support = (probs >= self.policy.fg_threshold).reshape(len(probs), -1).mean(axis=1)
         if mask is None:
             # CRF: refine on the CPU with the original image; the sweep then runs on the posterior.
             assert image is not None
@@ -253,6 +261,8 @@ class PseudoLabelWriter(BasePredictionWriter):
             "labels": labels.astype(int).tolist(),
             "fg_fraction": float(np.count_nonzero((mask > 0) & (mask != IGNORE_INDEX)) / mask.size),
             "ignore_fraction": float(np.count_nonzero(mask == IGNORE_INDEX) / mask.size),
+            "class_fraction": _class_fractions(mask, self.num_classes),
+            "cam_support": [float(v) for v in cam_support],
         }
         gt = None
         if info.gt_path is not None:
@@ -264,6 +274,7 @@ class PseudoLabelWriter(BasePredictionWriter):
             row["quality"] = {
                 "counts": sample_counts(mask, gt, self.num_classes),
                 "sweep": sweep_counts(probs, labels, gt, self.thresholds),
+                "gt_fraction": _class_fractions(gt, self.num_classes),
             }
         if sid in self.overlay_ids:
             assert image is not None

@@ -112,5 +112,7 @@ def plot_sweep(quality: dict[str, Any], path: Path) -> None:
 
 
 def write_quality(quality: dict[str, Any], out_dir: Path) -> None:
+    """quality.json (coverage always, scores against ground truth where it exists) and the sweep plot."""
     write_json_atomic(out_dir / "quality.json", quality)
-    plot_sweep(quality, out_dir / "threshold_sweep.png")
+    if "sweep" in quality:
+        plot_sweep(quality, out_dir / "threshold_sweep.png")

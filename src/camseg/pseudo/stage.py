@@ -19,6 +19,12 @@ from camseg.cls.checkpoint import check_compatible, load_classifier
 from camseg.cls.stage import build_datamodule
 from camseg.constants import MANIFEST_SCHEMA_VERSION
 from camseg.errors import CamsegError, ConfigError
+from camseg.pseudo.coverage import (
+    check_min_coverage,
+    coverage_stats,
+    stop_if_uncovered_run,
+    summary_lines,
+)
 from camseg.pseudo.predict import CamPredictModule, PseudoLabelWriter, SampleInfo, lacking_files
 from camseg.pseudo.quality import compute_quality, write_quality
 from camseg.rundir import RunDir
@@ -70,6 +76,7 @@ def build_engine(cfg: DictConfig, model: Any, multilabel: bool) -> tuple[Any, di
 
 def build_policy(cfg: DictConfig, multilabel: bool) -> PseudoMaskPolicy:
     p = cfg.pseudo
+    check_min_coverage(p.get("min_positive_coverage", 0.0))  # a bad value fails before the CAMs
     crf = OmegaConf.to_container(p.crf, resolve=True) if p.get("crf") else None
     return PseudoMaskPolicy(
         fg_threshold=float(p.fg_threshold),
@@ -262,9 +269,12 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
         # The other ranks go on to stage 3 only once rank 0 has written the manifest.
         trainer.strategy.barrier()
+        stop_if_uncovered_run(cfg, run, provenance)
         return result
     # Nothing left to predict: merging is idempotent and atomic, every rank may do it.
-    return finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
+    result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
+    stop_if_uncovered_run(cfg, run, provenance)
+    return result
 
 
 def finalize(
@@ -289,13 +299,18 @@ def finalize(
     quality = compute_quality(
         rows, classes, list(cfg.pseudo.sweep_thresholds), float(cfg.pseudo.fg_threshold)
     )
-    if quality is not None:
-        write_quality(quality, out)
+    coverage = coverage_stats(rows, classes, float(cfg.pseudo.fg_threshold))
+    write_quality({**(quality or {}), "coverage": coverage}, out)
     # Written last: a manifest on disk means the stage is complete.
     manifest_sorted = {k: manifest[k] for k in [*provenance.keys(), "samples"]}
     write_json_atomic(run.manifest, manifest_sorted)
     fg = float(np.mean([r["fg_fraction"] for r in rows])) if rows else 0.0
     result: dict[str, Any] = {"stage": "pseudo", "samples": len(rows), "mean_fg_fraction": fg}
+    result["positive_coverage"] = {
+        c: v["positive_coverage"] for c, v in coverage["per_class"].items()
+    }
+    for line in summary_lines(coverage):
+        log.info("stage pseudo: %s", line)
     if quality is not None:
         result["quality"] = {
             "pseudo/dice": quality["dice"],

@@ -17,6 +17,7 @@ Empty cases, decided once here:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -269,3 +270,58 @@ class SegMetrics(Metric):
             for name, value in zip(self.class_names, row[1:], strict=True):
                 out[f"{self.prefix}{key}_{name}"] = value
         return out
+
+
+# Undefined by convention when there is nothing to divide by (see the module docstring):
+# NaN there is not a failure, and "predicts nothing" is reported by the detection check.
+_NAN_BY_CONVENTION = ("sensitivity", "precision", "detect_sensitivity", "detect_specificity")
+
+
+def output_warnings(
+    evaluations: dict[str, dict[str, float]],
+    class_names: Sequence[str],
+    train_positives: dict[str, dict[str, int]] | None = None,
+) -> list[str]:
+    """Loud-failure checks on a trained segmenter's metrics; one sentence per finding.
+
+    Args:
+        evaluations: split name (``val``, ``test``) -> the ``SegMetrics`` keys logged for it
+            (``<split>/detect_sensitivity_<class>`` etc.); empty where the split has no
+            ground truth.
+        class_names: the K foreground classes.
+        train_positives: class -> ``{"positives": n, "with_foreground": m}``, the training
+            images labelled positive and how many of them the segmenter gives any pixel of
+            the class; judged for a class whose validation has no positive with ground truth.
+
+    Returns:
+        Warnings: a class predicted on none of a split's positive images, a metric that is
+        NaN or infinite (beyond the conventions above).
+    """
+    out: list[str] = []
+    for split, metrics in evaluations.items():
+        for name in class_names:
+            v = metrics.get(f"{split}/detect_sensitivity_{name}")
+            if v is not None and v == 0.0:
+                out.append(
+                    f"the segmenter predicts no '{name}' on any {split} image whose ground truth has "
+                    f"it ({split}/detect_sensitivity_{name} = 0)"
+                )
+        bad = sorted(
+            k
+            for k, v in metrics.items()
+            if not math.isfinite(v)
+            and not any(k.split("/", 1)[-1].startswith(p) for p in _NAN_BY_CONVENTION)
+        )
+        if bad:
+            out.append(f"{split} metrics are NaN or infinite: {', '.join(bad)}")
+    val = evaluations.get("val", {})
+    for name, tally in (train_positives or {}).items():
+        v = val.get(f"val/detect_sensitivity_{name}")
+        if v is not None and math.isfinite(v):
+            continue  # validation with ground truth has judged this class
+        if tally["positives"] and not tally["with_foreground"]:
+            out.append(
+                f"the segmenter predicts no '{name}' on any of the {tally['positives']} training "
+                "images labelled positive (no validation ground truth to judge it on)"
+            )
+    return out

@@ -21,9 +21,10 @@ from camseg.cls.stage import build_datamodule, resolve_ckpt_path
 from camseg.constants import IGNORE_INDEX
 from camseg.data.datamodule import CamSegDataModule, collate
 from camseg.errors import ConfigError, ManifestError
+from camseg.pseudo.coverage import check_manifest_coverage
 from camseg.pseudo.manifest import Manifest, load_manifest
 from camseg.rundir import RunDir
-from camseg.seg.metrics import SegMetrics, group_ids
+from camseg.seg.metrics import SegMetrics, group_ids, output_warnings
 from camseg.seg.module import SegmenterModule, build_segmentation_net
 from camseg.training import build_trainer, save_config
 from camseg.utils.io import read_image, read_json, read_mask, save_png_atomic, write_json_atomic
@@ -137,6 +138,7 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     )
     masks = check_manifest_masks(manifest, dm, bool(cfg.seg.get("skip_unlabelled", False)))
     fp = fingerprint.compute("seg", cfg, fingerprint.seg_inputs(cfg, run.manifest))
+    check_manifest_coverage(manifest, masks, cfg.pseudo.get("min_positive_coverage", 0.0))
     val_has_gt = any(s.mask for s in dm.samples("val"))
     monitor = str(cfg.seg.get("monitor", "auto"))
     if monitor == "auto":
@@ -208,7 +210,7 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         )
         if not trainer.is_global_zero:
             return {}
-        train_cmp, relabel = evaluate_train(
+        train_cmp, relabel, positives = evaluate_train(
             module, dm, manifest, stage_dir, cfg, relabel=r < rounds
         )
         result: dict[str, Any] = {
@@ -222,6 +224,7 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             "val": {k: float(v) for k, v in val[0].items()},
             "test": {k: float(v) for k, v in test[0].items()},
             "train_pseudo_vs_seg": train_cmp,
+            "train_positives_with_foreground": positives,
         }
         history.append(result)
         if r < rounds:
@@ -257,6 +260,13 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                     out / f"round{chosen}" / "checkpoints" / "best.ckpt",
                     chosen,
                 )
+    final["warnings"] = output_warnings(
+        {"val": final["val"], "test": final["test"]},
+        dm.classes,
+        final["train_positives_with_foreground"],
+    )
+    for w in final["warnings"]:
+        log.warning("stage seg: WARNING: %s", w)
     write_json_atomic(metrics_path, final)
     fingerprint.write(out, replace(fp, finished=True))
     log.info(
@@ -289,9 +299,10 @@ def evaluate_train(
     out: Path,
     cfg: DictConfig,
     relabel: bool,
-) -> tuple[dict[str, float] | None, dict[str, Path]]:
+) -> tuple[dict[str, float] | None, dict[str, Path], dict[str, dict[str, int]]]:
     """Segmenter vs ground truth on the pseudo-labelled training images (the "pseudo-masks alone vs
-    segmenter" comparison), the figure grid, and, for self-training, new confident masks."""
+    segmenter" comparison), the figure grid, for self-training new confident masks, and per class
+    how many training images labelled positive get any predicted pixel of the class."""
     device = module.device
     module.eval()
     ids = set(manifest.mask_paths())
@@ -307,6 +318,7 @@ def evaluate_train(
     grid_rows: list[np.ndarray] = []
     want_grid = 6
     rows_by_id = {r["id"]: r for r in manifest.samples}
+    positives = np.zeros((2, dm.num_classes), np.int64)  # [labelled positive, with foreground]
     for batch in loader:
         images = batch["image"].to(device)
         for i in range(len(images)):
@@ -315,6 +327,10 @@ def evaluate_train(
             conf, pred = probs.max(0)
             pred_np = pred.to(torch.uint8).cpu().numpy()
             sid = batch["id"][i]
+            present = batch["labels"][i].numpy().astype(bool)
+            positives[0] += present
+            predicted = np.bincount(pred_np.ravel(), minlength=256)[1 : dm.num_classes + 1] > 0
+            positives[1] += present & predicted
             gt = batch["mask_full"][i] if bool(batch["has_mask"][i]) else None
             if gt is not None:
                 metric.update(pred[None].cpu(), gt[None].long(), group_ids([batch["group"][i]]))
@@ -349,10 +365,15 @@ def evaluate_train(
                 )
     if grid_rows:
         save_png_atomic(out / "figure_grid.png", stack(*grid_rows))
+    tally = {
+        c: {"positives": int(positives[0, k]), "with_foreground": int(positives[1, k])}
+        for k, c in enumerate(dm.classes)
+    }
     if metric.update_count == 0:
-        return None, new_masks
+        return None, new_masks, tally
     values = metric.compute()
-    return {k: float(values[k]) for k in ("dice", "iou", "sensitivity", "precision")}, new_masks
+    scores = {k: float(values[k]) for k in ("dice", "iou", "sensitivity", "precision")}
+    return scores, new_masks, tally
 
 
 def _grid_row(
