@@ -2,6 +2,10 @@
 
     camseg-predict ckpt=runs/synthetic/seg/checkpoints/best.ckpt input=DIR_OR_FILE output=DIR
         [device=auto] [batch_size=16] [overlays=true] [windows=brain,subdural,bone]
+        [max_image_pixels=16777216]
+
+Images above max_image_pixels (default 4096x4096) are segmented at a bounded working size
+and their masks resized to the image's size (nearest neighbour); a warning says so once.
 
 Exit status: 0 when every input was segmented; 1 when some inputs could not be read
 (the others are still segmented and written; the skipped ones are listed at the end,
@@ -30,6 +34,14 @@ from camseg.data.datamodule import to_channels
 from camseg.errors import CamsegError
 from camseg.seg.module import build_segmentation_net
 from camseg.utils.io import read_image, save_png_atomic, write_bytes_atomic
+from camseg.utils.large import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    OVERLAY_MAX_PIXELS,
+    resize_area,
+    resize_nearest,
+    warn_large,
+    working_size,
+)
 from camseg.utils.overlay import draw_contours, panel, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -48,6 +60,8 @@ class Segmenter:
     mean: np.ndarray
     std: np.ndarray
     device: torch.device
+    # Above this many pixels, logits are resized to a bounded working size, not the image's.
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> Segmenter:
@@ -113,10 +127,11 @@ class Segmenter:
         logits = self.net(t).float()
         out = []
         for i, im in enumerate(images):
-            lg = F.interpolate(
-                logits[i : i + 1], size=im.shape[:2], mode="bilinear", align_corners=False
-            )
-            out.append(lg.argmax(1)[0].to(torch.uint8).cpu().numpy())
+            h, w = im.shape[:2]
+            size = working_size(h, w, self.max_image_pixels)
+            lg = F.interpolate(logits[i : i + 1], size=size, mode="bilinear", align_corners=False)
+            mask = lg.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            out.append(resize_nearest(mask, h, w))
         return out
 
 
@@ -179,8 +194,21 @@ def predict_images(
         for f, raw, mask in zip(ok, raws, model.predict(imgs), strict=True):
             name = _name(f, root)
             save_png_atomic(out / "masks" / f"{name}.png", mask)
+            h, w = working_size(*raw.shape[:2], model.max_image_pixels)
+            if (h, w) != raw.shape[:2]:
+                assert model.max_image_pixels is not None
+                warn_large(
+                    "camseg-predict",
+                    str(f),
+                    *raw.shape[:2],
+                    model.max_image_pixels,
+                    "max_image_pixels",
+                )
             if overlays:
-                rgb = to_rgb(raw)
+                # Drawn at a bounded size: a large image's overlay is a picture to look at.
+                h, w = working_size(*raw.shape[:2], OVERLAY_MAX_PIXELS)
+                rgb = to_rgb(resize_area(raw, h, w))
+                mask = resize_nearest(mask, h, w)
                 save_png_atomic(
                     out / "overlays" / f"{name}.png",
                     panel(rgb, draw_contours(rgb, mask), titles=("image", "prediction")),
@@ -272,7 +300,16 @@ def parse_args(argv: list[str]) -> dict[str, str]:
             raise CamsegError(f"argument '{a}': use key=value (ckpt=..., input=..., output=...)")
         k, v = a.split("=", 1)
         args[k.strip()] = v.strip()
-    allowed = {"ckpt", "input", "output", "device", "batch_size", "overlays", "windows"}
+    allowed = {
+        "ckpt",
+        "input",
+        "output",
+        "device",
+        "batch_size",
+        "overlays",
+        "windows",
+        "max_image_pixels",
+    }
     unknown = sorted(set(args) - allowed)
     if unknown:
         raise CamsegError(f"unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
@@ -291,6 +328,23 @@ def parse_batch_size(value: str) -> int:
         n = 0
     if n < 1:
         raise CamsegError(f"batch_size={value}: must be a whole number >= 1, e.g. batch_size=16")
+    return n
+
+
+def parse_max_image_pixels(value: str | None) -> int | None:
+    if value is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if value.lower() in ("none", "null", "0"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise CamsegError(
+            f"max_image_pixels={value}: must be a whole number >= 1 (or none for no limit), "
+            f"e.g. max_image_pixels={DEFAULT_MAX_IMAGE_PIXELS}"
+        )
     return n
 
 
@@ -342,8 +396,10 @@ def run(argv: list[str]) -> int:
     device = parse_device(args.get("device", "auto"))
     src, out = Path(args["input"]), Path(args["output"])
     check_output(out)
+    max_pixels = parse_max_image_pixels(args.get("max_image_pixels"))
     files = _inputs(src)
     model = Segmenter.load(args["ckpt"], device)
+    model.max_image_pixels = max_pixels
     root = src if src.is_dir() else src.parent
     overlays = args.get("overlays", "true").lower() in ("1", "true", "yes")
     vols = [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]

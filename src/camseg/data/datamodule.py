@@ -24,6 +24,7 @@ from camseg.data.splits import assign_splits
 from camseg.data.transforms import build_transforms
 from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import read_image, read_mask
+from camseg.utils.large import DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,8 @@ class CamSegDataModule(L.LightningDataModule):
         mean, std: per-channel normalisation of [0,1] intensities.
         train_transforms: albumentations (or ``_target_`` configs) for training batches.
         predict_split: the split whose CAMs stage 2 computes (``train``, or ``all``).
+        max_image_pixels: above this many pixels an image's float maps (CAMs, logits,
+            overlays) are computed at a bounded working size and a warning is logged once.
         synthetic: generator arguments; when set and ``root`` is absent, the synthetic
             dataset is generated there on first use.
     """
@@ -264,6 +267,7 @@ class CamSegDataModule(L.LightningDataModule):
         train_transforms: Sequence[Any] | None = None,
         predict_split: str = "train",
         synthetic: dict | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -283,6 +287,7 @@ class CamSegDataModule(L.LightningDataModule):
             raise ConfigError(f"data.predict_split='{predict_split}': use train, val, test or all")
         self.predict_split = predict_split
         self.synthetic = dict(synthetic) if synthetic else None
+        self.max_image_pixels = int(max_image_pixels) if max_image_pixels else None
         self.index: DatasetIndex | None = None
         self.splits: dict[str, list[Sample]] = {}
         # Stage 3: the pseudo-mask of each training sample id.

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -349,6 +350,8 @@ def _grid_row(
         cams = np.load(cam_path)["cams"].astype(np.float32)
         labels = np.asarray(row["labels"], dtype=np.float32)
         cam = (cams * labels[:, None, None]).max(axis=0)
+        if cam.shape != image.shape[:2]:  # a large image's CAMs are at its working size
+            cam = cv2.resize(cam, image.shape[1::-1], interpolation=cv2.INTER_LINEAR)
     else:
         cam = np.zeros(image.shape[:2], np.float32)
     pseudo = read_mask(manifest.root / row["mask"])
