@@ -134,3 +134,17 @@ def test_camseg_predict_large_image_warns_and_keeps_its_size(
         assert run([*args, f"output={tmp_path / 'o2'}", "max_image_pixels=none"]) == 0
     assert not [r for r in caplog.records if "max_image_pixels" in r.getMessage()]
     assert np.asarray(Image.open(tmp_path / "o2/masks/big.png")).shape == (240, 180)
+
+
+def test_stage3_labels_of_a_large_image_come_back_full_size_as_uint8() -> None:
+    from camseg.seg.module import full_size_labels
+
+    logits = torch.zeros(1, 2, 8, 8)
+    logits[0, 1, 2:6, 2:6] = 5.0  # class 1 in the centre
+    small = full_size_labels(logits, 40, 30, max_pixels=4000)
+    assert small.shape == (40, 30) and small.dtype == torch.uint8
+    exact = torch.nn.functional.interpolate(logits, size=(40, 30), mode="bilinear").argmax(1)[0]
+    assert torch.equal(small.long(), exact)  # below the limit: as before
+    big = full_size_labels(logits, 300, 200, max_pixels=4000)
+    assert big.shape == (300, 200) and big.dtype == torch.uint8
+    assert big[150, 100] == 1 and big[5, 5] == 0

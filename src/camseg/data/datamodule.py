@@ -164,7 +164,8 @@ class SampleDataset(Dataset):
         }
         if self.full_res:
             # Evaluation at the original resolution: the untouched mask and the image's path.
-            sample["mask_full"] = torch.from_numpy(mask).long()
+            # uint8 as stored (an int64 copy costs 8 bytes a pixel of a large image).
+            sample["mask_full"] = torch.from_numpy(mask)
             sample["image_path"] = str(item.image)
         return sample
 

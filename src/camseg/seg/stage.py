@@ -91,7 +91,7 @@ def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule
         "mean": list(dm.mean),
         "std": list(dm.std),
     }
-    return SegmenterModule(
+    module = SegmenterModule(
         net=build_segmentation_net(**net_cfg),
         class_names=dm.classes,
         loss=OmegaConf.to_container(s.loss, resolve=True),  # type: ignore[arg-type]
@@ -103,6 +103,8 @@ def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule
         overlays=int(s.get("overlays", 16)),
         channels_last=bool(s.get("channels_last", False)),
     )
+    module.max_image_pixels = dm.max_image_pixels
+    return module
 
 
 def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
@@ -292,13 +294,12 @@ def evaluate_train(
         images = batch["image"].to(device)
         for i in range(len(images)):
             h, w = (int(v) for v in batch["orig_size"][i])
-            probs = module.probabilities(images[i : i + 1], size=(h, w))[0]
-            conf, pred = probs.max(0)
-            pred_np = pred.to(torch.uint8).cpu().numpy()
+            pred, conf = module.full_size_probabilities(images[i : i + 1], h, w)
+            pred_np = pred.cpu().numpy()
             sid = batch["id"][i]
             gt = batch["mask_full"][i] if bool(batch["has_mask"][i]) else None
             if gt is not None:
-                metric.update(pred[None].cpu(), gt[None].long(), group_ids([batch["group"][i]]))
+                metric.update(pred[None].cpu(), gt[None], group_ids([batch["group"][i]]))
             if relabel:
                 labels = batch["labels"][i].numpy().astype(bool)
                 new = pred_np.copy()
