@@ -97,10 +97,11 @@ class EpochSeeding(L.Callback):
     generators; a run resumed from ``last.ckpt`` would otherwise draw other dropout masks,
     other worker seeds and (with the DataModule's former ``RandomSampler``) another order.
     At the start of every epoch the training dataset is told the epoch (its augmentations
-    are drawn per sample from it) and, at the epoch's first batch (after the DataLoader
-    iterator was made, which draws from torch's generator only when it is new, i.e. in
-    the resumed run), torch, numpy and random are reseeded from (seed, epoch, rank).
-    ``seed`` is torch's initial seed when the fit starts (``seed_everything``).
+    are drawn per sample from it) and, at the epoch's first batch, torch, numpy and random
+    are reseeded from (seed, epoch, rank). The first batch, not the epoch start: making a
+    DataLoader iterator draws from torch's generator, and a persistent worker pool makes
+    a new one in the resumed run only. ``seed`` is torch's initial seed when the fit
+    starts (``seed_everything``).
     """
 
     def __init__(self) -> None:
