@@ -16,7 +16,14 @@ from camseg.errors import ConfigError
 from camseg.seg.losses import build_loss
 from camseg.seg.metrics import SegMetrics, group_ids
 from camseg.utils.io import read_image, save_png_atomic
-from camseg.utils.large import DEFAULT_MAX_IMAGE_PIXELS, warn_large, working_size
+from camseg.utils.large import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    OVERLAY_MAX_PIXELS,
+    resize_area,
+    resize_nearest,
+    warn_large,
+    working_size,
+)
 from camseg.utils.overlay import GT_COLOUR, draw_contours, panel, to_rgb
 
 
@@ -200,12 +207,14 @@ class SegmenterModule(L.LightningModule):
             save_png_atomic(self.predictions_dir / "predictions" / f"{sid}.png", p)
             if self._overlays_written < self.overlays and "image_path" in batch:
                 image = to_rgb(read_image(batch["image_path"][i]))
-                right = draw_contours(image, p)
+                # Drawn at a bounded size: a large image's overlay is a picture to look at.
+                h, w = working_size(*image.shape[:2], OVERLAY_MAX_PIXELS)
+                image = resize_area(image, h, w)
+                right = draw_contours(image, resize_nearest(p, h, w))
                 title = "prediction"
                 if full is not None and bool(batch["has_mask"][i]):
-                    right = draw_contours(
-                        right, full[i].cpu().numpy().astype(np.uint8), colour=GT_COLOUR
-                    )
+                    gt = full[i].cpu().numpy().astype(np.uint8)
+                    right = draw_contours(right, resize_nearest(gt, h, w), colour=GT_COLOUR)
                     title = "prediction, truth"
                 save_png_atomic(
                     self.predictions_dir / "overlays" / f"{sid}.png",
