@@ -240,7 +240,7 @@ def test_full_resolution_masks_and_collate(tmp_path: Path, kit: DatasetKit) -> N
         np.testing.assert_array_equal(
             full.numpy(), np.asarray(Image.open(root / f"masks/{sid}.png"))
         )
-        assert full.dtype == torch.int64
+        assert full.dtype == torch.uint8  # as stored: 1 byte a pixel of a large image, not 8
     assert all(Path(p).name == f"{sid}.png" for p, sid in zip(batch["image_path"], batch["id"]))
 
     # Equal sizes stack into one tensor.

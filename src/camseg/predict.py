@@ -2,6 +2,14 @@
 
     camseg-predict ckpt=runs/synthetic/seg/checkpoints/best.ckpt input=DIR_OR_FILE output=DIR
         [device=auto] [batch_size=16] [overlays=true] [windows=brain,subdural,bone]
+        [max_image_pixels=16777216]
+
+Images above max_image_pixels (default 4096x4096) are segmented at a bounded working size
+and their masks resized to the image's size (nearest neighbour); a warning says so once.
+
+Exit status: 0 when every input was segmented; 1 when some inputs could not be read
+(the others are still segmented and written; the skipped ones are listed at the end,
+one line each with the reason); 2 for a usage error (one line, nothing is written).
 
 2D images (PNG, JPEG, TIFF) give ``output/masks/<name>.png`` (class indices) and
 ``output/overlays/<name>.png``. NIfTI volumes (``.nii``, ``.nii.gz``) are segmented
@@ -33,6 +41,14 @@ from camseg.checkpoints import (
 from camseg.data.datamodule import to_channels
 from camseg.errors import CamsegError
 from camseg.utils.io import read_image, save_png_atomic, write_bytes_atomic
+from camseg.utils.large import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    OVERLAY_MAX_PIXELS,
+    resize_area,
+    resize_nearest,
+    warn_large,
+    working_size,
+)
 from camseg.utils.overlay import draw_contours, panel, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -51,6 +67,8 @@ class Segmenter:
     mean: np.ndarray
     std: np.ndarray
     device: torch.device
+    # Above this many pixels, logits are resized to a bounded working size, not the image's.
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> Segmenter:
@@ -106,10 +124,11 @@ class Segmenter:
         logits = self.net(t).float()
         out = []
         for i, im in enumerate(images):
-            lg = F.interpolate(
-                logits[i : i + 1], size=im.shape[:2], mode="bilinear", align_corners=False
-            )
-            out.append(lg.argmax(1)[0].to(torch.uint8).cpu().numpy())
+            h, w = im.shape[:2]
+            size = working_size(h, w, self.max_image_pixels)
+            lg = F.interpolate(logits[i : i + 1], size=size, mode="bilinear", align_corners=False)
+            mask = lg.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            out.append(resize_nearest(mask, h, w))
         return out
 
 
@@ -145,27 +164,58 @@ def _batches(xs: list[Any], n: int) -> Iterator[list[Any]]:
 
 def predict_images(
     model: Segmenter, files: list[Path], root: Path, out: Path, batch_size: int, overlays: bool
-) -> int:
+) -> list[tuple[Path, str]]:
+    """Predict and write every readable image; return ``(file, reason)`` for the others.
+
+    One unreadable file must not cost the valid ones after it: it is set aside with its
+    reason and the batch goes on without it.
+    """
+    failed: list[tuple[Path, str]] = []
     for chunk in tqdm(list(_batches(files, batch_size)), desc="images", unit="batch"):
-        imgs = []
+        ok: list[Path] = []
+        raws: list[np.ndarray] = []
+        imgs: list[np.ndarray] = []
         for f in chunk:
             try:
                 raw = read_image(f)
-            except Exception as e:
-                raise CamsegError(f"{f}: cannot read image ({e})") from None
-            plane = to_channels(raw, model.base_channels)
+                plane = to_channels(raw, model.base_channels)
+            except Exception as e:  # PIL raises many types for a damaged file
+                failed.append((f, f"cannot read image ({_reason(e)})"))
+                continue
+            ok.append(f)
+            raws.append(raw)
             # A lone 2D image has no neighbours: 2.5D models see it repeated.
             imgs.append(np.concatenate([plane] * (2 * model.context_slices + 1), axis=2))
-        for f, mask in zip(chunk, model.predict(imgs), strict=True):
+        if not imgs:
+            continue
+        for f, raw, mask in zip(ok, raws, model.predict(imgs), strict=True):
             name = _name(f, root)
             save_png_atomic(out / "masks" / f"{name}.png", mask)
+            h, w = working_size(*raw.shape[:2], model.max_image_pixels)
+            if (h, w) != raw.shape[:2]:
+                assert model.max_image_pixels is not None
+                warn_large(
+                    "camseg-predict",
+                    str(f),
+                    *raw.shape[:2],
+                    model.max_image_pixels,
+                    "max_image_pixels",
+                )
             if overlays:
-                rgb = to_rgb(read_image(f))
+                # Drawn at a bounded size: a large image's overlay is a picture to look at.
+                h, w = working_size(*raw.shape[:2], OVERLAY_MAX_PIXELS)
+                rgb = to_rgb(resize_area(raw, h, w))
+                mask = resize_nearest(mask, h, w)
                 save_png_atomic(
                     out / "overlays" / f"{name}.png",
                     panel(rgb, draw_contours(rgb, mask), titles=("image", "prediction")),
                 )
-    return len(files)
+    return failed
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def _name(f: Path, root: Path) -> str:
@@ -283,7 +333,16 @@ def parse_args(argv: list[str]) -> dict[str, str]:
             raise CamsegError(f"argument '{a}': use key=value (ckpt=..., input=..., output=...)")
         k, v = a.split("=", 1)
         args[k.strip()] = v.strip()
-    allowed = {"ckpt", "input", "output", "device", "batch_size", "overlays", "windows"}
+    allowed = {
+        "ckpt",
+        "input",
+        "output",
+        "device",
+        "batch_size",
+        "overlays",
+        "windows",
+        "max_image_pixels",
+    }
     unknown = sorted(set(args) - allowed)
     if unknown:
         raise CamsegError(f"unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
@@ -295,23 +354,110 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return args
 
 
+def parse_batch_size(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise CamsegError(f"batch_size={value}: must be a whole number >= 1, e.g. batch_size=16")
+    return n
+
+
+def parse_max_image_pixels(value: str | None) -> int | None:
+    if value is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if value.lower() in ("none", "null", "0"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise CamsegError(
+            f"max_image_pixels={value}: must be a whole number >= 1 (or none for no limit), "
+            f"e.g. max_image_pixels={DEFAULT_MAX_IMAGE_PIXELS}"
+        )
+    return n
+
+
+def parse_device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this machine."""
+    if value == "auto":
+        return value
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise CamsegError(f"device={value}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise CamsegError(
+                f"device={value}: CUDA is not available on this machine; use device=cpu or device=auto"
+            )
+        if dev.index is not None and dev.index >= n:
+            raise CamsegError(
+                f"device={value}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CamsegError(
+                f"device={value}: MPS is not available on this machine; use device=cpu or device=auto"
+            )
+    elif dev.type != "cpu":
+        raise CamsegError(f"device={value}: not supported; use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CamsegError(
+            f"output={out}: is an existing file; output= names a directory (new or existing)"
+        )
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CamsegError(f"output={out}: {parent} is a file, not a directory")
+            break
+
+
 def run(argv: list[str]) -> int:
+    """Predict every input; 0 when all succeeded, 1 when some inputs were skipped (listed)."""
     args = parse_args(argv)
-    model = Segmenter.load(args["ckpt"], args.get("device", "auto"))
+    # Every argument is checked before the checkpoint and the images are loaded.
+    batch = parse_batch_size(args.get("batch_size", "16"))
+    device = parse_device(args.get("device", "auto"))
     src, out = Path(args["input"]), Path(args["output"])
+    check_output(out)
+    max_pixels = parse_max_image_pixels(args.get("max_image_pixels"))
     files = _inputs(src)
+    model = Segmenter.load(args["ckpt"], device)
+    model.max_image_pixels = max_pixels
     root = src if src.is_dir() else src.parent
-    batch = int(args.get("batch_size", 16))
     overlays = args.get("overlays", "true").lower() in ("1", "true", "yes")
     vols = [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
     imgs = [f for f in files if f not in vols]
     check_output_collisions(files, root, out)
     out.mkdir(parents=True, exist_ok=True)
+    failed: list[tuple[Path, str]] = []
     if imgs:
-        predict_images(model, imgs, root, out, batch, overlays)
+        failed += predict_images(model, imgs, root, out, batch, overlays)
     for v in tqdm(vols, desc="volumes", unit="vol", disable=not vols):
-        predict_volume(model, v, root, out, batch, args.get("windows"))
-    print(f"camseg-predict: {len(imgs)} image(s), {len(vols)} volume(s) -> {out}")
+        try:
+            predict_volume(model, v, root, out, batch, args.get("windows"))
+        except CamsegError as e:
+            if str(e).startswith("windows="):  # the same for every volume: stop now
+                raise
+            failed.append((v, str(e).removeprefix(f"{v}: ")))
+    bad = {f for f, _ in failed}
+    done_imgs = sum(1 for f in imgs if f not in bad)
+    done_vols = sum(1 for f in vols if f not in bad)
+    print(f"camseg-predict: {done_imgs} image(s), {done_vols} volume(s) -> {out}")
+    if failed:
+        print(f"camseg-predict: {len(failed)} of {len(files)} input(s) skipped:", file=sys.stderr)
+        for f, reason in failed:
+            print(f"  {f}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import logging
+import random
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,6 +50,92 @@ def quiet_third_party() -> None:
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
     )
+
+
+class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, except that ``last.ckpt`` is written every epoch.
+
+    With a monitor, Lightning (2.6) writes ``last.ckpt`` only in epochs whose score enters
+    the top k, so after a plateau ``last.ckpt`` may be many epochs old and
+    ``ckpt_path=last`` silently retrains them along another path. Here ``last.ckpt`` is
+    the state at the end of the latest epoch, after the best checkpoint and early stopping
+    have taken that epoch into account.
+    """
+
+    _last_written_step = -1
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_written_step = trainer.global_step
+
+    def _write_last_if_missed(self, trainer: L.Trainer) -> None:
+        if (
+            not self.save_last
+            or trainer.fast_dev_run
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or self._last_written_step == trainer.global_step
+        ):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._write_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._write_last_if_missed(trainer)
+
+
+class EpochSeeding(L.Callback):
+    """Make each training epoch's randomness a function of (seed, epoch, rank) alone.
+
+    A checkpoint holds weights, optimizer, scheduler and loop counters, but not the random
+    generators; a run resumed from ``last.ckpt`` would otherwise draw other dropout masks,
+    other worker seeds and (with the DataModule's former ``RandomSampler``) another order.
+    At the start of every epoch the training dataset is told the epoch (its augmentations
+    are drawn per sample from it) and, at the epoch's first batch, torch, numpy and random
+    are reseeded from (seed, epoch, rank). The first batch, not the epoch start: making a
+    DataLoader iterator draws from torch's generator, and a persistent worker pool makes
+    a new one in the resumed run only. ``seed`` is torch's initial seed when the fit
+    starts (``seed_everything``).
+    """
+
+    def __init__(self) -> None:
+        self.seed: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seed = int(torch.initial_seed()) % 2**63
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _set_dataset_epoch(trainer, trainer.current_epoch)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx != 0 or self.seed is None:
+            return
+        state = np.random.SeedSequence([self.seed, trainer.current_epoch, trainer.global_rank])
+        s32, s64 = state.generate_state(1)[0], state.generate_state(2, np.uint64)[1]
+        torch.manual_seed(int(s64) % 2**63)  # all CUDA devices too
+        np.random.seed(int(s32))
+        random.seed(int(s64))
+
+
+def _set_dataset_epoch(trainer: L.Trainer, epoch: int) -> None:
+    loaders = trainer.train_dataloader
+    if loaders is None:
+        return
+    flat = loaders if isinstance(loaders, list | tuple) else [loaders]
+    if isinstance(loaders, dict):
+        flat = list(loaders.values())
+    for dl in flat:
+        set_epoch = getattr(getattr(dl, "dataset", None), "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
 
 
 def build_callbacks(
@@ -148,6 +237,8 @@ def build_trainer(
     trainer_cfg.update(overrides)
     if not any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in cbs):
         trainer_cfg.setdefault("enable_checkpointing", False)
+    # Always there: a resumed fit draws what the uninterrupted one would have drawn.
+    cbs.append(EpochSeeding())
     return instantiate(
         trainer_cfg, callbacks=cbs, logger=lgs or False, default_root_dir=str(stage_dir)
     )

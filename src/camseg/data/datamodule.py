@@ -17,13 +17,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from camseg.data.folder import DatasetIndex, Sample, load_index
 from camseg.data.splits import assign_splits
 from camseg.data.transforms import build_transforms
 from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import read_image, read_mask
+from camseg.utils.large import DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,17 @@ class SampleDataset(Dataset):
         std: Sequence[float],
         context_slices: int = 0,
         full_res: bool = False,
+        augment_seed: int | None = None,
     ) -> None:
         self.items = list(items)
         self.full_res = full_res
         self.transform = transform
+        # Random augmentations are drawn per sample from (augment_seed, epoch, index), not
+        # from a generator that runs on through the epochs: a run resumed at epoch k sees
+        # the augmentations of the uninterrupted run, whatever the number of workers. The
+        # epoch sits in shared memory so that persistent DataLoader workers see it change.
+        self.augment_seed = augment_seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.context_slices = context_slices
         views = 2 * context_slices + 1
         if in_channels % views:
@@ -97,6 +105,10 @@ class SampleDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch whose augmentations ``__getitem__`` draws (0-based)."""
+        self._epoch.fill_(int(epoch))
 
     def load_image(self, item: Item) -> np.ndarray:
         """(H,W,in_channels) uint8, neighbours stacked for 2.5D input."""
@@ -136,6 +148,8 @@ class SampleDataset(Dataset):
                 )
         else:
             mask = np.zeros((h, w), dtype=np.uint8)
+        if self.augment_seed is not None:
+            self.transform.set_random_seed(sample_seed(self.augment_seed, int(self._epoch), i))
         out = self.transform(image=image, mask=mask)
         img = (out["image"].astype(np.float32) - self.mean) / self.std
         sample = {
@@ -150,9 +164,38 @@ class SampleDataset(Dataset):
         }
         if self.full_res:
             # Evaluation at the original resolution: the untouched mask and the image's path.
-            sample["mask_full"] = torch.from_numpy(mask).long()
+            # uint8 as stored (an int64 copy costs 8 bytes a pixel of a large image).
+            sample["mask_full"] = torch.from_numpy(mask)
             sample["image_path"] = str(item.image)
         return sample
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one sample in one epoch, well mixed (SeedSequence) from the three."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class EpochShuffle(RandomSampler):
+    """A random order that depends only on (seed, epoch), like ``DistributedSampler``.
+
+    ``RandomSampler`` draws each epoch's order from torch's global generator, whose state a
+    checkpoint does not hold, so a resumed run would see other orders than the run it
+    continues. Lightning calls ``set_epoch`` before every training epoch (and replaces
+    this sampler by a ``DistributedSampler`` under DDP, as it does a ``RandomSampler``).
+    """
+
+    def __init__(self, data_source: Sequence[Any], seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Any:
+        g = torch.Generator()
+        g.manual_seed(sample_seed(self.seed, self.epoch, 0))
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -200,6 +243,8 @@ class CamSegDataModule(L.LightningDataModule):
         mean, std: per-channel normalisation of [0,1] intensities.
         train_transforms: albumentations (or ``_target_`` configs) for training batches.
         predict_split: the split whose CAMs stage 2 computes (``train``, or ``all``).
+        max_image_pixels: above this many pixels an image's float maps (CAMs, logits,
+            overlays) are computed at a bounded working size and a warning is logged once.
         synthetic: generator arguments; when set and ``root`` has no labels.csv, the
             synthetic dataset is generated there on first use.
         data_dir: camseg's own data directory (``paths.data_dir``): the synthetic dataset is
@@ -226,6 +271,7 @@ class CamSegDataModule(L.LightningDataModule):
         predict_split: str = "train",
         synthetic: dict | None = None,
         data_dir: str | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -246,6 +292,7 @@ class CamSegDataModule(L.LightningDataModule):
         self.predict_split = predict_split
         self.synthetic = dict(synthetic) if synthetic else None
         self.data_dir = data_dir
+        self.max_image_pixels = int(max_image_pixels) if max_image_pixels else None
         self.index: DatasetIndex | None = None
         self.splits: dict[str, list[Sample]] = {}
         # Stage 3: the pseudo-mask of each training sample id.
@@ -343,6 +390,7 @@ class CamSegDataModule(L.LightningDataModule):
             self.std,
             self.context_slices,
             full_res,
+            augment_seed=seed,
         )
 
     def _loader(
@@ -354,10 +402,14 @@ class CamSegDataModule(L.LightningDataModule):
                 f"{self.root}: {which} is empty; add patients, change data.val_fraction/test_fraction "
                 "or the 'split' column of labels.csv"
             )
+        # Drawn from torch's generator like the augmentation seed, so `seed` fixes the order.
+        sampler = (
+            EpochShuffle(ds, int(torch.randint(0, 2**31 - 1, (1,)).item())) if shuffle else None
+        )
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -373,7 +425,16 @@ class CamSegDataModule(L.LightningDataModule):
                 f"{self.root}: no training sample has a pseudo-mask ({len(self.train_masks)} given); "
                 "run stage pseudo on this dataset and split first"
             )
-        return self._loader(ds, True, self.batch_size, "train")
+        loader = self._loader(ds, True, self.batch_size, "train")
+        # Lightning makes the first iterator (and, with workers, prefetches from it) before
+        # any epoch hook, and does not make a new one for the first epoch of a resumed fit:
+        # the sampler and the augmentations must already know that epoch here.
+        trainer = self.trainer
+        epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        ds.set_epoch(epoch)
+        if isinstance(loader.sampler, EpochShuffle):
+            loader.sampler.set_epoch(epoch)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val", False), False, self.eval_batch_size, "val")

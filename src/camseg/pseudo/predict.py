@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -31,6 +32,13 @@ from camseg.utils.io import (
     save_png_atomic,
     write_json_atomic,
 )
+from camseg.utils.large import (
+    OVERLAY_MAX_PIXELS,
+    resize_area,
+    resize_nearest,
+    warn_large,
+    working_size,
+)
 from camseg.utils.overlay import pseudo_overlay
 
 log = logging.getLogger(__name__)
@@ -41,7 +49,9 @@ class CamPredictModule(L.LightningModule):
 
     ``predict_step`` returns ``ids``, ``labels`` (B,K), ``cams`` (B,K,H0,W0) float16 on
     the CPU at each image's original size, and ``masks`` (B,H0,W0) uint8 when the policy
-    needs no image (no CRF), else None.
+    needs no image (no CRF), else None. An image above ``max_image_pixels`` gets its CAMs
+    at a working size of at most that many pixels, and its mask is thresholded there and
+    resized (nearest) to the image's size: memory stays bounded.
     """
 
     def __init__(
@@ -50,12 +60,14 @@ class CamPredictModule(L.LightningModule):
         engine: CamMethod,
         policy: PseudoMaskPolicy,
         channels_last: bool = False,
+        max_image_pixels: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.engine = engine
         self.policy = policy
         self.channels_last = channels_last
+        self.max_image_pixels = max_image_pixels
 
     def on_predict_start(self) -> None:
         self.model.eval()
@@ -74,8 +86,11 @@ class CamPredictModule(L.LightningModule):
         cams = cams.float()
         sizes = batch["orig_size"]
         out_cams: list[torch.Tensor]
-        if bool((sizes == sizes[0]).all()):
-            h0, w0 = (int(v) for v in sizes[0])
+        h0, w0 = (int(v) for v in sizes[0])
+        if bool((sizes == sizes[0]).all()) and working_size(h0, w0, self.max_image_pixels) == (
+            h0,
+            w0,
+        ):
             if (h0, w0) != tuple(cams.shape[-2:]):
                 cams = F.interpolate(
                     cams, size=(h0, w0), mode="bilinear", align_corners=False
@@ -85,12 +100,20 @@ class CamPredictModule(L.LightningModule):
             out_masks = list(masks.cpu()) if masks is not None else [None] * len(out_cams)
         else:
             out_cams, out_masks = [], []
-            for c, lab, (h, w) in zip(cams, labels, sizes.tolist(), strict=True):
+            for c, lab, (h, w), sid in zip(cams, labels, sizes.tolist(), batch["id"], strict=True):
+                hw, ww = working_size(h, w, self.max_image_pixels)
+                if (hw, ww) != (h, w):
+                    assert self.max_image_pixels is not None
+                    warn_large(
+                        "stage pseudo", sid, h, w, self.max_image_pixels, "data.max_image_pixels"
+                    )
                 c = F.interpolate(
-                    c[None], size=(h, w), mode="bilinear", align_corners=False
+                    c[None], size=(hw, ww), mode="bilinear", align_corners=False
                 ).clamp_(0, 1)
                 m = self.policy(c, lab[None])[0] if self.policy.crf is None else None
                 out_cams.append(c[0].half().cpu())
+                if m is not None and (hw, ww) != (h, w):
+                    m = torch.from_numpy(resize_nearest(m.cpu().numpy(), h, w))
                 out_masks.append(m.cpu() if m is not None else None)
         return {
             "ids": list(batch["id"]),
@@ -133,7 +156,7 @@ def sweep_counts(
         pred_base = np.zeros(gt.shape, np.uint8)
         return [sample_counts(pred_base, gt, k) for _ in thresholds]
     masked = np.where(present[:, None, None], cams, -1.0)
-    best = masked.argmax(axis=0)
+    best = masked.argmax(axis=0).astype(np.uint8)  # K < 255: no int64 map per image
     score = masked.max(axis=0)
     out = []
     for t in thresholds:
@@ -240,14 +263,17 @@ class PseudoLabelWriter(BasePredictionWriter):
         # What the classifier found before refinement, beside what the policy keeps (coverage).
         cam_support = (probs >= self.policy.fg_threshold).reshape(len(probs), -1).mean(axis=1)
         if mask is None:
-            # CRF: refine on the CPU with the original image; the sweep then runs on the posterior.
+            # CRF: refine on the CPU with the image (at the CAMs' size, see CamPredictModule);
+            # the sweep then runs on the posterior.
             assert image is not None
-            img_t = torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(
+            small = resize_area(image, *cams.shape[1:])
+            img_t = torch.from_numpy(small if small.ndim == 3 else small[..., None]).permute(
                 2, 0, 1
             )[None]
             lab_t = torch.from_numpy(labels)[None]
             probs_t = self.policy.probabilities(torch.from_numpy(probs)[None], lab_t, img_t)
             mask = self.policy.threshold(probs_t, lab_t)[0].numpy()
+            mask = resize_nearest(mask.astype(np.uint8), *image.shape[:2])
             probs = probs_t[0].float().numpy()
         mask = mask.astype(np.uint8)
         save_png_atomic(self.out / "masks" / f"{sid}.png", mask)
@@ -273,18 +299,36 @@ class PseudoLabelWriter(BasePredictionWriter):
                 )
             row["quality"] = {
                 "counts": sample_counts(mask, gt, self.num_classes),
-                "sweep": sweep_counts(probs, labels, gt, self.thresholds),
+                # at the CAMs' size (a large image's working size: see CamPredictModule)
+                "sweep": sweep_counts(
+                    probs, labels, resize_nearest(gt, *probs.shape[1:]), self.thresholds
+                ),
                 "gt_fraction": _class_fractions(gt, self.num_classes),
             }
         if sid in self.overlay_ids:
             assert image is not None
+            # Drawn at a bounded size: a large image's overlay is a picture to look at.
+            h, w = working_size(*cams.shape[1:], OVERLAY_MAX_PIXELS)
+            if (h, w) != cams.shape[1:]:
+                cams = np.stack(
+                    [
+                        cv2.resize(c.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+                        for c in cams
+                    ]
+                )
             cam_map = (
                 (cams.astype(np.float32) * labels[:, None, None]).max(axis=0)
                 if labels.any()
-                else np.zeros(mask.shape, np.float32)
+                else np.zeros((h, w), np.float32)
             )
             save_png_atomic(
-                self.out / "overlays" / f"{sid}.png", pseudo_overlay(image, cam_map, mask, gt)
+                self.out / "overlays" / f"{sid}.png",
+                pseudo_overlay(
+                    resize_area(image, h, w),
+                    cam_map,
+                    resize_nearest(mask, h, w),
+                    None if gt is None else resize_nearest(gt, h, w),
+                ),
             )
         write_json_atomic(self.out / "rows" / f"{sid}.json", row)
 

@@ -251,7 +251,11 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             dataset, shuffle=False, batch_size=int(cfg.pseudo.get("batch_size", dm.eval_batch_size))
         )
         module = CamPredictModule(
-            model, engine, policy, channels_last=bool(cfg.model.get("channels_last", False))
+            model,
+            engine,
+            policy,
+            channels_last=bool(cfg.model.get("channels_last", False)),
+            max_image_pixels=dm.max_image_pixels,
         )
         trainer = build_trainer(
             cfg,

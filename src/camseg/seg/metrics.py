@@ -44,6 +44,9 @@ def group_ids(names: Sequence[str], device: torch.device | str | None = None) ->
     return torch.tensor([group_id(n) for n in names], dtype=torch.int64, device=device)
 
 
+_CHUNK_PIXELS = 4 * 1024 * 1024
+
+
 def confusion_counts(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
@@ -68,6 +71,15 @@ def confusion_counts(
             f"confusion_counts: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
             "must both be (B,H,W)"
         )
+    rows = max(1, _CHUNK_PIXELS // max(1, target.shape[0] * target[0, 0].numel()))
+    if target.ndim == 3 and target.shape[1] > rows:
+        # Large images: int64 copies of whole maps cost 8 bytes a pixel each; count by row bands.
+        return sum(
+            confusion_counts(
+                pred[:, i : i + rows], target[:, i : i + rows], num_classes, ignore_index
+            )
+            for i in range(0, target.shape[1], rows)
+        )  # type: ignore[return-value]
     k1 = num_classes + 1
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target > num_classes))

@@ -17,6 +17,14 @@ from camseg.errors import ConfigError
 from camseg.seg.losses import build_loss
 from camseg.seg.metrics import SegMetrics, group_ids
 from camseg.utils.io import read_image, save_png_atomic
+from camseg.utils.large import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    OVERLAY_MAX_PIXELS,
+    resize_area,
+    resize_nearest,
+    warn_large,
+    working_size,
+)
 from camseg.utils.overlay import GT_COLOUR, draw_contours, panel, to_rgb
 
 
@@ -57,6 +65,17 @@ def build_segmentation_net(
                 f"seg.encoder_weights={encoder_weights}: download failed ({type(e).__name__}); no internet? set seg.encoder_weights=null"
             ) from None
         raise
+
+
+def full_size_labels(logits: torch.Tensor, h: int, w: int, max_pixels: int | None) -> torch.Tensor:
+    """(1,K+1,h',w') logits -> (h,w) uint8 labels; above ``max_pixels`` through a working size."""
+    size = working_size(h, w, max_pixels)
+    if tuple(logits.shape[-2:]) != size:
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    pred = logits.argmax(1)[0].to(torch.uint8)
+    if size != (h, w):
+        pred = F.interpolate(pred[None, None], size=(h, w), mode="nearest")[0, 0]
+    return pred
 
 
 class SegmenterModule(L.LightningModule):
@@ -163,10 +182,16 @@ class SegmenterModule(L.LightningModule):
         preds = []
         for i in range(len(logits)):
             h, w = (int(v) for v in batch["orig_size"][i])
-            lg = logits[i : i + 1]
-            if lg.shape[-2:] != (h, w):
-                lg = F.interpolate(lg.float(), size=(h, w), mode="bilinear", align_corners=False)
-            pred = lg.argmax(1)[0]
+            pred = full_size_labels(logits[i : i + 1], h, w, self.max_image_pixels)
+            if self.max_image_pixels and h * w > self.max_image_pixels:
+                warn_large(
+                    "stage seg",
+                    batch["id"][i],
+                    h,
+                    w,
+                    self.max_image_pixels,
+                    "data.max_image_pixels",
+                )
             preds.append(pred)
             if bool(has[i]) and full is not None:
                 gt = full[i].to(pred.device)[None]
@@ -175,6 +200,10 @@ class SegmenterModule(L.LightningModule):
                 )
         if self.predictions_dir is not None:
             self._write_predictions(batch, preds)
+
+    # Set by the stage from data.max_image_pixels: larger images are evaluated through a
+    # bounded working size (logits resized there, labels resized to full size as uint8).
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def _write_predictions(self, batch: dict[str, Any], preds: list[torch.Tensor]) -> None:
         assert self.predictions_dir is not None
@@ -185,12 +214,14 @@ class SegmenterModule(L.LightningModule):
             save_png_atomic(self.predictions_dir / "predictions" / f"{sid}.png", p)
             if self._overlays_written < self.overlays and "image_path" in batch:
                 image = to_rgb(read_image(batch["image_path"][i]))
-                right = draw_contours(image, p)
+                # Drawn at a bounded size: a large image's overlay is a picture to look at.
+                h, w = working_size(*image.shape[:2], OVERLAY_MAX_PIXELS)
+                image = resize_area(image, h, w)
+                right = draw_contours(image, resize_nearest(p, h, w))
                 title = "prediction"
                 if full is not None and bool(batch["has_mask"][i]):
-                    right = draw_contours(
-                        right, full[i].cpu().numpy().astype(np.uint8), colour=GT_COLOUR
-                    )
+                    gt = full[i].cpu().numpy().astype(np.uint8)
+                    right = draw_contours(right, resize_nearest(gt, h, w), colour=GT_COLOUR)
                     title = "prediction, truth"
                 save_png_atomic(
                     self.predictions_dir / "overlays" / f"{sid}.png",
@@ -218,6 +249,25 @@ class SegmenterModule(L.LightningModule):
         }
 
     @torch.no_grad()
+    def full_size_probabilities(
+        self, images: torch.Tensor, h: int, w: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels (h,w) uint8, confidence (h,w) float) of one image, memory bounded.
+
+        Above ``max_image_pixels`` the softmax is taken at a working size and both maps are
+        resized to (h,w) by nearest neighbour (labels) and bilinearly (confidence, float16).
+        """
+        size = working_size(h, w, self.max_image_pixels)
+        probs = self.probabilities(images, size=size)[0]
+        conf, pred = probs.max(0)
+        pred = pred.to(torch.uint8)
+        if size != (h, w):
+            pred = F.interpolate(pred[None, None], size=(h, w), mode="nearest")[0, 0]
+            conf = F.interpolate(
+                conf[None, None].half().float(), size=(h, w), mode="bilinear", align_corners=False
+            )[0, 0].half()
+        return pred, conf
+
     def probabilities(
         self, images: torch.Tensor, size: tuple[int, int] | None = None
     ) -> torch.Tensor:

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -28,6 +29,13 @@ from camseg.seg.metrics import SegMetrics, group_ids, output_warnings
 from camseg.seg.module import SegmenterModule, build_segmentation_net
 from camseg.training import build_trainer, save_config
 from camseg.utils.io import read_image, read_json, read_mask, save_png_atomic, write_json_atomic
+from camseg.utils.large import (
+    OVERLAY_MAX_PIXELS,
+    resize_area,
+    resize_nearest,
+    warn_large,
+    working_size,
+)
 from camseg.utils.overlay import GT_COLOUR, cam_overlay, draw_contours, panel, stack, to_rgb
 
 log = logging.getLogger(__name__)
@@ -94,7 +102,7 @@ def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule
         "mean": list(dm.mean),
         "std": list(dm.std),
     }
-    return SegmenterModule(
+    module = SegmenterModule(
         net=build_segmentation_net(**net_cfg),
         class_names=dm.classes,
         loss=OmegaConf.to_container(s.loss, resolve=True),  # type: ignore[arg-type]
@@ -106,6 +114,8 @@ def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule
         overlays=int(s.get("overlays", 16)),
         channels_last=bool(s.get("channels_last", False)),
     )
+    module.max_image_pixels = dm.max_image_pixels
+    return module
 
 
 def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
@@ -323,9 +333,17 @@ def evaluate_train(
         images = batch["image"].to(device)
         for i in range(len(images)):
             h, w = (int(v) for v in batch["orig_size"][i])
-            probs = module.probabilities(images[i : i + 1], size=(h, w))[0]
-            conf, pred = probs.max(0)
-            pred_np = pred.to(torch.uint8).cpu().numpy()
+            pred, conf = module.full_size_probabilities(images[i : i + 1], h, w)
+            if module.max_image_pixels and h * w > module.max_image_pixels:
+                warn_large(
+                    "stage seg",
+                    batch["id"][i],
+                    h,
+                    w,
+                    module.max_image_pixels,
+                    "data.max_image_pixels",
+                )
+            pred_np = pred.cpu().numpy()
             sid = batch["id"][i]
             present = batch["labels"][i].numpy().astype(bool)
             positives[0] += present
@@ -333,7 +351,7 @@ def evaluate_train(
             positives[1] += present & predicted
             gt = batch["mask_full"][i] if bool(batch["has_mask"][i]) else None
             if gt is not None:
-                metric.update(pred[None].cpu(), gt[None].long(), group_ids([batch["group"][i]]))
+                metric.update(pred[None].cpu(), gt[None], group_ids([batch["group"][i]]))
             if relabel:
                 labels = batch["labels"][i].numpy().astype(bool)
                 new = pred_np.copy()
@@ -385,14 +403,21 @@ def _grid_row(
     titled: bool = False,
 ) -> np.ndarray:
     image = to_rgb(read_image(image_path))
+    # A figure for people: a large image is drawn at a bounded size (its float heatmap and
+    # blend would otherwise cost gigabytes).
+    h, w = working_size(*image.shape[:2], OVERLAY_MAX_PIXELS)
+    image = resize_area(image, h, w)
+    pred, gt = resize_nearest(pred, h, w), resize_nearest(gt, h, w)
     cam_path = manifest.root / "cams" / f"{row['id']}.npz"
     if cam_path.is_file():
         cams = np.load(cam_path)["cams"].astype(np.float32)
         labels = np.asarray(row["labels"], dtype=np.float32)
         cam = (cams * labels[:, None, None]).max(axis=0)
+        if cam.shape != (h, w):  # CAMs are at the image's (or its working) size
+            cam = cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR)
     else:
-        cam = np.zeros(image.shape[:2], np.float32)
-    pseudo = read_mask(manifest.root / row["mask"])
+        cam = np.zeros((h, w), np.float32)
+    pseudo = resize_nearest(read_mask(manifest.root / row["mask"]), h, w)
     return panel(
         image,
         cam_overlay(image, cam),
