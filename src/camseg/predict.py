@@ -15,18 +15,19 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from camseg.data.datamodule import to_channels
 from camseg.errors import CamsegError
-from camseg.seg.module import build_segmentation_net
+from camseg.optional import import_optional
 from camseg.utils.io import read_image, save_png_atomic, write_bytes_atomic
-from camseg.utils.overlay import draw_contours, panel, to_rgb
+
+# torch, Lightning, smp and matplotlib are imported where they are used, so that --help and
+# argument errors answer at once (importing them takes seconds).
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
@@ -52,6 +53,10 @@ class Segmenter:
             raise CamsegError(
                 f"ckpt={path}: file not found; give a stage-3 checkpoint such as runs/<run>/seg/checkpoints/best.ckpt"
             )
+        import torch
+
+        from camseg.seg.module import build_segmentation_net
+
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
         if (
@@ -100,19 +105,22 @@ class Segmenter:
     def base_channels(self) -> int:
         return self.in_channels // (2 * self.context_slices + 1)
 
-    @torch.no_grad()
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """uint8 (H,W,in_channels) images -> uint8 class-index masks at each image's size."""
+        import torch
+        import torch.nn.functional as F
+
         x = np.stack([_resize(im, self.image_size) for im in images]).astype(np.float32)
         x = (x - self.mean) / self.std
-        t = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device)
-        logits = self.net(t).float()
-        out = []
-        for i, im in enumerate(images):
-            lg = F.interpolate(
-                logits[i : i + 1], size=im.shape[:2], mode="bilinear", align_corners=False
-            )
-            out.append(lg.argmax(1)[0].to(torch.uint8).cpu().numpy())
+        with torch.no_grad():
+            t = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device)
+            logits = self.net(t).float()
+            out = []
+            for i, im in enumerate(images):
+                lg = F.interpolate(
+                    logits[i : i + 1], size=im.shape[:2], mode="bilinear", align_corners=False
+                )
+                out.append(lg.argmax(1)[0].to(torch.uint8).cpu().numpy())
         return out
 
 
@@ -149,6 +157,9 @@ def _batches(xs: list[Any], n: int) -> Iterator[list[Any]]:
 def predict_images(
     model: Segmenter, files: list[Path], root: Path, out: Path, batch_size: int, overlays: bool
 ) -> int:
+    from camseg.data.datamodule import to_channels
+    from camseg.utils.overlay import draw_contours, panel, to_rgb
+
     for chunk in tqdm(list(_batches(files, batch_size)), desc="images", unit="batch"):
         imgs = []
         for f in chunk:
@@ -221,8 +232,13 @@ def predict_volume(
     model: Segmenter, f: Path, root: Path, out: Path, batch_size: int, windows: str | None
 ) -> Path:
     """Segment a NIfTI volume slice by slice; write a uint8 mask volume with the same affine."""
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+    nib = import_optional("nibabel", f"{f}: reading NIfTI")
+    apply_orientation, axcodes2ornt, io_orientation, ornt_transform = (
+        nib.orientations.apply_orientation,
+        nib.orientations.axcodes2ornt,
+        nib.orientations.io_orientation,
+        nib.orientations.ornt_transform,
+    )
 
     from camseg.data.prepare.ctich import display_slice
     from camseg.data.prepare.windowing import apply_windows, parse_windows
