@@ -12,16 +12,21 @@
 # extras dicom, nifti and tensorboard are hidden, as in a base install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPO=$(pwd)
 DEPS_VENV=$(cd "${1:-.venv}" && pwd)
 PY=$DEPS_VENV/bin/python
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/camseg-wheel.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf "$WORK" "$REPO/build"' EXIT
 t0=$SECONDS
 step() { echo "check_wheel [$((SECONDS - t0)) s]: $*"; }
 
 step "building the wheel"
 rm -rf build
-"$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" .
+# No build isolation (no download) when VENV has the setuptools pyproject.toml asks for.
+ISOLATION=--no-build-isolation
+"$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' \
+  2>/dev/null || ISOLATION=
+"$PY" -m pip wheel -q --no-deps $ISOLATION -w "$WORK/dist" .
 WHEEL=$(ls "$WORK"/dist/camseg-*.whl)
 "$PY" - "$WHEEL" <<'PYEOF'
 import sys, zipfile
