@@ -198,7 +198,7 @@ def test_missing_optional_package_is_one_line_naming_the_extra(
 def test_readers_of_optional_formats_say_which_extra(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from camseg.data.prepare.ctich import _load_volume
+    from camseg.data.prepare.ctich import _load_volume, convert_ct_ich
     from camseg.data.prepare.dicom import read_dicom_series
 
     monkeypatch.setitem(sys.modules, "pydicom", None)
@@ -207,6 +207,10 @@ def test_readers_of_optional_formats_say_which_extra(
         read_dicom_series(tmp_path)
     with pytest.raises(MissingPackageError, match=r"camseg\[nifti\]"):
         _load_volume(tmp_path / "x.nii.gz")
+    (tmp_path / "release" / "ct_scans").mkdir(parents=True)
+    with pytest.raises(MissingPackageError, match=r"ct-ich .* pip install 'camseg\[nifti\]'$"):
+        convert_ct_ich(tmp_path / "release", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_default_logger_without_tensorboard_falls_back_to_csv_only(

@@ -463,6 +463,8 @@ def convert_ct_ich(
     if patients is not None and patients < 1:
         raise ConfigError(f"--patients is {patients}; give a positive number of patients")
     root, layout = detect_layout(src, layout)
+    if layout == "nifti":  # before anything is written
+        import_optional("nibabel", "camseg-data ct-ich (the NIfTI release)")
     out = check_out_dir(Path(out), src, overwrite)
     if layout == "jpg" and windows is not None:
         raise DatasetError(
