@@ -43,7 +43,8 @@ SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$SITE/camseg_ci_deps.pth"
 echo 'import sys; sys.modules.update(dict.fromkeys(["pydicom", "nibabel", "tensorboard"]))' \
   > "$SITE/camseg_ci_base_install.pth"
-"$PY" -m pip --python "$VPY" install -q --no-deps "$WHEEL"
+# --ignore-installed: VENV's own (editable) camseg is visible through the .pth; leave it alone.
+"$PY" -m pip --python "$VPY" install -q --no-deps --ignore-installed "$WHEEL"
 
 mkdir "$WORK/user" && cd "$WORK/user"
 env -u CAMSEG_CONF_DIR -u PYTHONPATH "$VPY" - "$WORK/venv" <<'PYEOF'
