@@ -6,15 +6,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.camseg-installed
 EXTRAS ?= dev
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all check-wheel lint format bench clean
 
 install: $(STAMP)
 
-# Re-installs only when pyproject.toml changes (the stamp is newer otherwise).
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or constraints.txt (the tested torch) changes.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 demo: install
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# Builds the wheel, installs it into a fresh venv outside the checkout and runs the demo there.
+check-wheel: install
+	scripts/check_wheel.sh $(VENV)
 
 test-all: install
 	$(BIN)/pytest -q -m "slow or not slow"

@@ -1,4 +1,4 @@
-"""The ``camseg`` command: one Hydra app over ``conf/config.yaml``.
+"""The ``camseg`` command: one Hydra app over ``conf/config.yaml`` (see :func:`conf_dir`).
 
 Errors caused by the user's input are printed as one line (``camseg: error: ...``)
 and exit with status 2; everything else keeps its traceback.
@@ -6,10 +6,13 @@ and exit with status 2; everything else keeps its traceback.
 
 from __future__ import annotations
 
+import importlib.resources
+import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -19,12 +22,41 @@ from camseg.errors import CamsegError
 log = logging.getLogger("camseg")
 
 
+CONF_PACKAGE = "camseg.conf"
+
+
 def conf_dir() -> str:
-    """The ``conf/`` directory: ``$CAMSEG_CONF_DIR`` or the source checkout's (editable install)."""
+    """Where the config tree is, as Hydra's ``config_path``.
+
+    In order: ``$CAMSEG_CONF_DIR``; the source checkout's top-level ``conf/`` (an editable
+    install, or ``PYTHONPATH=src``); else the wheel's copy, the package ``camseg.conf``, as
+    ``pkg://camseg.conf``. Run folders do not depend on it: ``paths.root_dir`` is the
+    working directory.
+    """
     env = os.environ.get("CAMSEG_CONF_DIR")
     if env:
         return str(Path(env).resolve())
-    return str(Path(__file__).resolve().parents[2] / "conf")
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "config.yaml").is_file():
+        return str(checkout / "conf")
+    if importlib.util.find_spec(CONF_PACKAGE) is not None:
+        return f"pkg://{CONF_PACKAGE}"
+    return str(checkout / "conf")
+
+
+def _has_config(source: str) -> bool:
+    if source.startswith("pkg://"):
+        return importlib.resources.files(source[len("pkg://") :]).joinpath("config.yaml").is_file()
+    return Path(source, "config.yaml").is_file()
+
+
+def _initialize(source: str) -> Any:
+    """Hydra's compose API over ``source`` (a folder or ``pkg://module``)."""
+    from hydra import initialize_config_dir, initialize_config_module
+
+    if source.startswith("pkg://"):
+        return initialize_config_module(config_module=source[len("pkg://") :], version_base="1.3")
+    return initialize_config_dir(config_dir=source, version_base="1.3")
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
@@ -52,12 +84,12 @@ def _precheck_overrides(argv: list[str]) -> str | None:
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
     if not overrides:
         return None
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        with _initialize(conf_dir()):
             cfg = compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()
@@ -76,10 +108,11 @@ def _precheck_overrides(argv: list[str]) -> str | None:
 
 
 def main() -> None:
-    if not Path(conf_dir(), "config.yaml").is_file():
+    if not _has_config(conf_dir()):
         print(
-            f"camseg: error: config directory {conf_dir()} not found; install camseg editable from its source "
-            "checkout (make install) or set CAMSEG_CONF_DIR",
+            f"camseg: error: config directory {conf_dir()} not found (no config.yaml); set "
+            "CAMSEG_CONF_DIR to a camseg conf/ folder, or reinstall camseg (its wheel ships "
+            "the config as camseg.conf)",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -23,23 +23,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from camseg.checkpoints import (
-    SEGMENTER,
-    build_segmenter,
-    load_weights,
-    read_checkpoint,
-    segmenter_data_config,
-    state_dict,
-)
-from camseg.data.datamodule import to_channels
 from camseg.errors import CamsegError
+from camseg.optional import import_optional
 from camseg.utils.io import read_image, save_png_atomic, write_bytes_atomic
 from camseg.utils.large import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -49,7 +39,11 @@ from camseg.utils.large import (
     warn_large,
     working_size,
 )
-from camseg.utils.overlay import draw_contours, panel, to_rgb
+
+# torch, Lightning, smp, cv2 and matplotlib are imported where they are used, so that --help and
+# argument errors answer at once (importing them takes seconds).
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
@@ -77,6 +71,17 @@ class Segmenter:
             raise CamsegError(
                 f"ckpt={path}: file not found; give a stage-3 checkpoint such as runs/<run>/seg/checkpoints/best.ckpt"
             )
+        import torch
+
+        from camseg.checkpoints import (
+            SEGMENTER,
+            build_segmenter,
+            load_weights,
+            read_checkpoint,
+            segmenter_data_config,
+            state_dict,
+        )
+
         label = f"ckpt={path}"
         # weights_only=True, and the network from camseg's whitelist: the file never runs code.
         ckpt = read_checkpoint(path, SEGMENTER, label)
@@ -115,20 +120,25 @@ class Segmenter:
     def base_channels(self) -> int:
         return self.in_channels // (2 * self.context_slices + 1)
 
-    @torch.no_grad()
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """uint8 (H,W,in_channels) images -> uint8 class-index masks at each image's size."""
+        import torch
+        import torch.nn.functional as F
+
         x = np.stack([_resize(im, self.image_size) for im in images]).astype(np.float32)
         x = (x - self.mean) / self.std
-        t = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device)
-        logits = self.net(t).float()
-        out = []
-        for i, im in enumerate(images):
-            h, w = im.shape[:2]
-            size = working_size(h, w, self.max_image_pixels)
-            lg = F.interpolate(logits[i : i + 1], size=size, mode="bilinear", align_corners=False)
-            mask = lg.argmax(1)[0].to(torch.uint8).cpu().numpy()
-            out.append(resize_nearest(mask, h, w))
+        with torch.no_grad():
+            t = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device)
+            logits = self.net(t).float()
+            out = []
+            for i, im in enumerate(images):
+                h, w = im.shape[:2]
+                size = working_size(h, w, self.max_image_pixels)
+                lg = F.interpolate(
+                    logits[i : i + 1], size=size, mode="bilinear", align_corners=False
+                )
+                mask = lg.argmax(1)[0].to(torch.uint8).cpu().numpy()
+                out.append(resize_nearest(mask, h, w))
         return out
 
 
@@ -170,6 +180,9 @@ def predict_images(
     One unreadable file must not cost the valid ones after it: it is set aside with its
     reason and the batch goes on without it.
     """
+    from camseg.data.datamodule import to_channels
+    from camseg.utils.overlay import draw_contours, panel, to_rgb
+
     failed: list[tuple[Path, str]] = []
     for chunk in tqdm(list(_batches(files, batch_size)), desc="images", unit="batch"):
         ok: list[Path] = []
@@ -268,8 +281,13 @@ def predict_volume(
     model: Segmenter, f: Path, root: Path, out: Path, batch_size: int, windows: str | None
 ) -> Path:
     """Segment a NIfTI volume slice by slice; write a uint8 mask volume with the same affine."""
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+    nib = import_optional("nibabel", f"{f}: reading NIfTI")
+    apply_orientation, axcodes2ornt, io_orientation, ornt_transform = (
+        nib.orientations.apply_orientation,
+        nib.orientations.axcodes2ornt,
+        nib.orientations.io_orientation,
+        nib.orientations.ornt_transform,
+    )
 
     from camseg.data.prepare.ctich import display_slice
     from camseg.data.prepare.windowing import apply_windows, parse_windows

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from camseg.errors import ConfigError
+from camseg.optional import MissingPackageError, import_optional
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,11 @@ class CRFConfig:
 
 def import_densecrf() -> tuple[Any, Any]:
     try:
-        import pydensecrf.densecrf as dcrf
-        import pydensecrf.utils as crf_utils
-    except ImportError:
-        raise ConfigError(
-            "pseudo.crf is set but pydensecrf is not installed; pip install pydensecrf2 "
-            "(or pip install camseg[crf]), or set pseudo.crf=null"
-        ) from None
-    return dcrf, crf_utils
+        return import_optional("pydensecrf.densecrf", "pseudo.crf"), import_optional(
+            "pydensecrf.utils", "pseudo.crf"
+        )
+    except MissingPackageError as e:
+        raise MissingPackageError(f"{e}, or set pseudo.crf=null") from None
 
 
 def _intensity_0_255(images: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 
-import cv2
 import numpy as np
 
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
@@ -62,6 +61,8 @@ def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """A uint8 class-index mask (H,W) resized to (height, width) without new values."""
     if mask.shape[:2] == (height, width):
         return mask
+    import cv2  # here, not at the top: camseg-predict --help must not pay for it
+
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
@@ -69,5 +70,7 @@ def resize_area(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """A uint8 image (H,W[,C]) shrunk for display or CRF; channels kept."""
     if image.shape[:2] == (height, width):
         return image
+    import cv2
+
     out = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     return out[..., None] if image.ndim == 3 and out.ndim == 2 else out

@@ -24,10 +24,9 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
-from nibabel.orientations import io_orientation
 from PIL import Image
 from tqdm import tqdm
 
@@ -42,7 +41,11 @@ from camseg.data.prepare.common import (
 )
 from camseg.data.prepare.windowing import CtWindow, apply_windows, parse_windows
 from camseg.errors import ConfigError, DatasetError
+from camseg.optional import import_optional
 from camseg.utils.io import save_png_atomic
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 SUBTYPES = ("Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural", "Subdural")
 NIFTI_CSV = "hemorrhage_diagnosis_raw_ct.csv"
@@ -189,7 +192,8 @@ def display_slice(canonical_xy: np.ndarray) -> np.ndarray:
 
 def _canonical(img: nib.Nifti1Image, data: np.ndarray, what: Path) -> tuple[np.ndarray, bool]:
     """Reorient ``data`` (voxel-aligned with ``img``) to RAS+; True if the z axis was flipped."""
-    ornt = io_orientation(img.affine)
+    nib = import_optional("nibabel", "reading NIfTI")
+    ornt = nib.orientations.io_orientation(img.affine)
     if int(ornt[2, 0]) != 2:
         raise DatasetError(
             f"{what}: the third array axis is not the head-foot axis (orientation {nib.aff2axcodes(img.affine)}); "
@@ -200,6 +204,7 @@ def _canonical(img: nib.Nifti1Image, data: np.ndarray, what: Path) -> tuple[np.n
 
 
 def _load_volume(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    nib = import_optional("nibabel", "reading NIfTI")
     try:
         img = nib.load(path)
         if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
@@ -458,6 +463,8 @@ def convert_ct_ich(
     if patients is not None and patients < 1:
         raise ConfigError(f"--patients is {patients}; give a positive number of patients")
     root, layout = detect_layout(src, layout)
+    if layout == "nifti":  # before anything is written
+        import_optional("nibabel", "camseg-data ct-ich (the NIfTI release)")
     out = check_out_dir(Path(out), src, overwrite)
     if layout == "jpg" and windows is not None:
         raise DatasetError(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from camseg.data.prepare.common import Issue
 from camseg.errors import DatasetError
+from camseg.optional import import_optional
+
+if TYPE_CHECKING:
+    import pydicom
 
 _AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
@@ -49,11 +52,13 @@ def read_dicom_series(
     """
     if not folder.is_dir():
         raise DatasetError(f"{folder}: DICOM folder not found; check SRC")
+    dicom = import_optional("pydicom", "reading DICOM")
+    invalid_dicom = import_optional("pydicom.errors", "reading DICOM").InvalidDicomError
     slices: list[tuple[float, int, Path, pydicom.Dataset]] = []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError):
+            ds = dicom.dcmread(path)
+        except (invalid_dicom, OSError):
             continue
         if "PixelData" not in ds:
             continue

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from camseg.data.prepare.common import Issue
 from camseg.data.prepare.lidc import LidcScanRecord
 from camseg.data.prepare.lidc_annotations import Contour, ReaderAnnotation
 from camseg.errors import DatasetError
+from camseg.optional import import_optional
 
 PATIENT_PREFIX = "LIDC-IDRI-"
 
@@ -80,18 +79,20 @@ def find_series_dirs(patient_dir: Path) -> dict[str, Path]:
     Reads one header per folder: TCIA puts one series per folder, whatever the folder names
     (``<study uid>/<series uid>`` in old downloads, descriptive names in new ones).
     """
+    dicom = import_optional("pydicom", "reading DICOM")
+    invalid_dicom = import_optional("pydicom.errors", "reading DICOM").InvalidDicomError
     found: dict[str, Path] = {}
     for dirpath, _, filenames in sorted(os.walk(patient_dir)):
         for name in sorted(filenames):
             if name.startswith(".") or not name.lower().endswith(".dcm"):
                 continue
             try:
-                ds = pydicom.dcmread(
+                ds = dicom.dcmread(
                     Path(dirpath) / name,
                     stop_before_pixels=True,
                     specific_tags=["SeriesInstanceUID"],
                 )
-            except (InvalidDicomError, OSError):
+            except (invalid_dicom, OSError):
                 continue
             uid = str(ds.get("SeriesInstanceUID", "")).strip()
             if uid:
