@@ -19,6 +19,7 @@ slice by slice along the axial axis (CT windows applied to Hounsfield units) and
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -403,10 +404,12 @@ def parse_device(value: str) -> str:
     """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this machine."""
     if value == "auto":
         return value
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise CamsegError(f"device={value}: not a device; use auto, cpu, cuda or cuda:N") from None
+    # The form first, without torch: a typo answers at once.
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise CamsegError(f"device={value}: not a device; use auto, cpu, cuda or cuda:N")
+    import torch
+
+    dev = torch.device(value)
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
