@@ -62,6 +62,7 @@ PRODUCED_BY = {CLS_CHECKPOINT: "cls", MANIFEST: "pseudo"}
 
 _WHERE_AND_HOW_FAST = (
     "data.root",
+    "data.data_dir",  # where a synthetic dataset may be generated, not what it holds
     "data.num_workers",
     "data.pin_memory",
     "data.persistent_workers",
