@@ -80,7 +80,7 @@ def build_cam_method(
         shared["multilabel"] = kwargs.pop("multilabel")
     if name.lower() == "ensemble":
         if not methods:
-            raise ConfigError("cam.methods: name=ensemble needs a list of methods")
+            raise ConfigError("cam.methods: cam.method=ensemble needs a list of methods")
         members = []
         for spec in methods:
             entry = {"name": spec} if isinstance(spec, str) else dict(spec)
