@@ -25,10 +25,8 @@ class CamMethod(ABC):
     that a LightningModule owning both never registers its weights twice.
     """
 
-    #: The registry (:data:`camseg.cam.factory.CAM_METHODS`) reads these three: the
-    #: config names of the method (``name`` is the one manifests record), whether
-    #: :meth:`compute` backpropagates (so it cannot run under ``torch.inference_mode``)
-    #: and whether it takes a ``target_layer``.
+    # Read by the registry (factory.CAM_METHODS), stage 2 and the manifest: config names
+    # (``name`` is the one recorded), backpropagation (no inference mode), target layer.
     name: ClassVar[str] = "cam"
     aliases: ClassVar[tuple[str, ...]] = ()
     gradients: ClassVar[bool] = False

@@ -70,10 +70,8 @@ def build_cam_method(
             ``multilabel``), refused by a method that does not take them, except
             ``multilabel``, which is shared.
 
-    Stage 2 calls it from ``cfg.cam`` (``conf/cam/*.yaml``), as in::
-
-        build_cam_method("gradcam", model, scales=[1.0, 0.5], flip=True,
-                         shared={"target_layer": "encoder.body.7", "multilabel": True})
+    Stage 2 calls it with ``cfg.cam`` (``conf/cam/*.yaml``): ``method``, ``scales``, ``flip``,
+    ``shared={"target_layer": ..., "batch_size": ..., "multilabel": ...}``.
     """
     shared = dict(shared or {})
     if "multilabel" in kwargs:

@@ -36,26 +36,23 @@ log = logging.getLogger(__name__)
 def build_engine(cfg: DictConfig, model: Any, multilabel: bool) -> tuple[CamMethod, dict[str, Any]]:
     """The CAM engine (method + TTA) from ``cfg.cam``, and its description for the manifest."""
     c = cfg.cam
-    method = str(c.method)
     members = list(c.get("methods") or [])
-    if method == "ensemble" and not members:
+    if c.method == "ensemble" and not members:
         raise ConfigError("cam.method=ensemble needs cam.methods, e.g. cam.methods=[cam,layercam]")
+    ensemble = {"methods": members, "fusion": c.get("fusion", "mean"), "weights": c.get("weights")}
     shared: dict[str, Any] = {
         "multilabel": multilabel,
         "batch_size": int(c.get("scorecam_batch_size", 32)),
     }
     if c.get("target_layer"):
         shared["target_layer"] = str(c.target_layer)
-    ensemble: dict[str, Any] = {}
-    if method == "ensemble":
-        ensemble = {
-            "methods": members,
-            "fusion": str(c.get("fusion", "mean")),
-            "weights": c.get("weights"),
-        }
-    scales = [float(s) for s in c.scales]
     engine = build_cam_method(
-        method, model, scales=scales, flip=bool(c.flip), shared=shared, **ensemble
+        str(c.method),
+        model,
+        scales=[float(s) for s in c.scales],
+        flip=bool(c.flip),
+        shared=shared,
+        **(ensemble if c.method == "ensemble" else {}),
     )
     return engine, {**engine.describe(), "image_size": int(cfg.data.image_size)}
 
