@@ -1,18 +1,14 @@
-"""Overlap counts and scores (Dice, IoU, sensitivity, precision): one rule for everyone.
+"""Overlap counts and scores (Dice, IoU, sensitivity, precision) for every camseg metric.
 
-Every Dice/IoU in camseg comes from here: stage 3's metrics, stage 2's quality.json and
-:class:`~camseg.cam.sweep.ThresholdSweep`. Masks hold 0 = background, ``1..K`` classes,
-``ignore_index`` (255) = not evaluated in the ground truth; in a prediction 255 (a
-pseudo-mask's ignore band) predicts no foreground class.
+Stage 3's metrics, stage 2's quality.json and :class:`~camseg.cam.sweep.ThresholdSweep`
+all count here. Masks hold 0 = background, ``1..K`` classes; 255 in the ground truth is
+not evaluated, 255 in a prediction (a pseudo-mask's ignore band) predicts no class.
 
-Empty cases, decided once here:
-
-- Dice and IoU of a class whose ground truth *and* prediction are both empty are
-  ``empty_value`` (1.0 by default): correctly predicting "nothing here" is a perfect
-  result. Dataset-level scores sum the counts over all images first, so this only matters
-  there for a class that never occurs at all; it then counts as 1.0 in the macro means.
-- Sensitivity (tp / (tp + fn)) without ground-truth pixels and precision (tp / (tp + fp))
-  without predicted pixels are undefined: NaN, and left out of means (nanmean).
+The empty-mask rule: Dice and IoU of a class whose ground truth *and* prediction are both
+empty are ``empty_value`` (1.0: "nothing here" correctly predicted). Dataset-level scores
+sum the counts first, so there it only concerns a class that never occurs, which then
+counts as 1.0 in macro means. Sensitivity without ground truth and precision without
+prediction are NaN (left out of means).
 """
 
 from __future__ import annotations

@@ -21,11 +21,6 @@ from camseg.errors import ConfigError
 from camseg.overlap import confusion_counts, scores
 
 
-def _ratio(num: float, den: float) -> float | None:
-    """num / den, None where den == 0 (JSON-safe, no NaN)."""
-    return None if den == 0 else num / den
-
-
 class ThresholdSweep(Metric):
     """Streaming Dice/IoU per class for each foreground threshold.
 
@@ -124,8 +119,9 @@ class ThresholdSweep(Metric):
                     "iou": dict(zip(self.class_names, overlap.iou[i].tolist())),
                     "mean_dice": float(overlap.dice[i].mean()),
                     "mean_iou": float(overlap.iou[i].mean()),
-                    "ignore_fraction": _ratio(ignored, valid),
-                    "bg_precision": _ratio(correct, background),
+                    # None rather than NaN where nothing was counted: JSON-safe.
+                    "ignore_fraction": ignored / valid if valid else None,
+                    "bg_precision": correct / background if background else None,
                 }
             )
         best = max(rows, key=lambda r: r["mean_dice"])

@@ -84,12 +84,8 @@ def check_manifest_masks(
 
 
 def monitor_and_mode(seg: DictConfig, val_has_gt: bool) -> tuple[str, str]:
-    """``seg.monitor`` and ``seg.monitor_mode``, with ``auto`` resolved.
-
-    An ``auto`` monitor is the validation Dice when validation has ground truth, else the
-    training loss on the pseudo-masks; an ``auto`` mode minimises losses and maximises
-    anything else.
-    """
+    """``seg.monitor`` and ``seg.monitor_mode`` with ``auto`` resolved: the validation Dice when
+    validation has ground truth, else the training loss; min for a loss, else max."""
     monitor = str(seg.get("monitor", "auto"))
     if monitor == "auto":
         monitor = "val/dice" if val_has_gt else "train/loss_epoch"
