@@ -31,7 +31,7 @@ def confusion_counts(
         pred: ``(B,H,W)`` int predicted labels. Values outside ``1..K`` (e.g. 255 in a
             pseudo-mask) predict no foreground class.
         target: ``(B,H,W)`` int labels in ``0..K`` or ``ignore_index``; ignored pixels are
-            not counted.
+            not counted. ``(1,H,W)``: one target for every prediction (a threshold sweep).
         num_classes: K, the number of foreground classes.
         ignore_index: target value that is not evaluated.
 
@@ -41,19 +41,19 @@ def confusion_counts(
     Raises:
         ValueError: shapes differ, or target has a value outside ``0..K`` other than ignore.
     """
-    if pred.shape != target.shape or target.ndim < 2:
+    if pred.shape[1:] != target.shape[1:] or len(target) not in (1, len(pred)) or pred.ndim < 2:
         raise ValueError(
             f"confusion_counts: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
-            "must both be (B,H,W)"
+            "must both be (B,H,W) (or target (1,H,W))"
         )
-    rows = max(1, _CHUNK_PIXELS // max(1, target.shape[0] * target[0, 0].numel()))
-    if target.ndim == 3 and target.shape[1] > rows:
+    rows = max(1, _CHUNK_PIXELS // max(1, pred.shape[0] * pred[0, 0].numel()))
+    if pred.ndim == 3 and pred.shape[1] > rows:
         # Large images: bound the temporary maps by counting row bands.
         return sum(
             confusion_counts(
                 pred[:, i : i + rows], target[:, i : i + rows], num_classes, ignore_index
             )
-            for i in range(0, target.shape[1], rows)
+            for i in range(0, pred.shape[1], rows)
         )  # type: ignore[return-value]
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target > num_classes))

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from camseg.cam import PseudoMaskPolicy, threshold_cams
+from camseg.cam import PseudoMaskPolicy
 from camseg.cam.base import CamMethod
-from camseg.constants import IGNORE_INDEX
+from camseg.cam.policy import present_peak
+from camseg.constants import BACKGROUND, IGNORE_INDEX
 from camseg.overlap import confusion_counts
 from camseg.utils.io import (
     read_image,
@@ -139,10 +140,11 @@ def sweep_counts(
     cams: np.ndarray, labels: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]
 ) -> list[list[list[int]]]:
     """Counts per threshold of the CAM-only segmentation: :func:`threshold_cams` without ignore band."""
-    probs = torch.from_numpy(cams)[None]
-    present = torch.from_numpy(labels.astype(bool))[None]
-    preds = torch.cat([threshold_cams(probs, present, t, t) for t in thresholds])
-    return confusion_counts(preds, torch.from_numpy(gt)[None].expand_as(preds), len(cams)).tolist()
+    peak, label = present_peak(
+        torch.from_numpy(cams)[None], torch.from_numpy(labels.astype(bool))[None]
+    )
+    preds = torch.cat([torch.where(peak >= t, label, BACKGROUND) for t in thresholds])
+    return confusion_counts(preds, torch.from_numpy(gt)[None], len(cams)).tolist()
 
 
 def lacking_files(out_dir: Path, ids: set[str], save_cams: bool, overlay_ids: set[str]) -> set[str]:
