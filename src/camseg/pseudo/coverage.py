@@ -195,20 +195,6 @@ def empty_classes(coverage: dict[str, Any]) -> list[str]:
     ]
 
 
-def stop_if_uncovered(
-    coverage: dict[str, Any] | None,
-    min_coverage: float,
-    policy: dict[str, Any] | None,
-    where: str,
-) -> None:
-    """Raise the one-line :class:`CamsegError` of :func:`coverage_problem`, prefixed by ``where``."""
-    if coverage is None:
-        return
-    problem = coverage_problem(coverage, min_coverage, policy)
-    if problem is not None:
-        raise CamsegError(f"{where}: {problem}")
-
-
 def summary_lines(coverage: dict[str, Any]) -> list[str]:
     """Compact log lines, one per class."""
     out = []
