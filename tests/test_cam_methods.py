@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from hydra import compose, initialize_config_dir
 from torch import nn
 
 from camseg.cam import (
@@ -22,6 +25,9 @@ from camseg.cam import (
 )
 from camseg.errors import ConfigError
 from camseg.models.classifier import CamClassifier
+from camseg.pseudo.stage import build_engine
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 class TinyCamNet(nn.Module):
@@ -230,9 +236,33 @@ def test_factory_builds_every_name_and_wraps_tta(resnet: CamClassifier) -> None:
 
 
 def test_factory_errors_name_the_problem(resnet: CamClassifier) -> None:
-    with pytest.raises(ConfigError, match=r"cam.name='gradcam3'.*gradcam\+\+"):
+    with pytest.raises(ConfigError, match=r"cam.method='gradcam3'.*gradcam\+\+"):
         build_cam_method("gradcam3", resnet)
     with pytest.raises(ConfigError, match=r"'cam' does not take \['target_layer'\]"):
         build_cam_method("cam", resnet, target_layer="encoder")
     with pytest.raises(ConfigError, match="needs a list of methods"):
         build_cam_method("ensemble", resnet)
+
+
+@pytest.mark.parametrize("name", [*CAM_METHODS, "ensemble"])
+def test_manifest_says_what_ran_for_every_registered_name(name: str, resnet: CamClassifier) -> None:
+    # The real cam config group; gradcampp (an alias) used to be recorded as a
+    # hook-free CAM on "features" and run under inference mode.
+    override = "cam=ensemble" if name == "ensemble" else f"cam.method={name}"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[override])
+    engine, desc = build_engine(cfg, resnet, multilabel=True)
+    assert isinstance(engine, MultiScaleCAM)
+    assert desc == {**engine.describe(), "image_size": cfg.data.image_size}
+    ran = engine.method.methods if isinstance(engine.method, Ensemble) else [engine.method]
+    described = desc["methods"] if name == "ensemble" else [desc]
+    for method, record in zip(ran, described, strict=True):
+        assert record["method"] == method.name
+        assert record["target_layer"] == (
+            "encoder.body.7.1" if method.takes_target_layer else "features"
+        )
+    if name != "ensemble":
+        assert type(ran[0]) is CAM_METHODS[name]
+    assert engine.needs_gradients == any(
+        type(m) in (GradCAM, GradCAMPlusPlus, LayerCAM) for m in ran
+    )

@@ -89,15 +89,18 @@ def test_ignore_band_and_background_precision() -> None:
     ]
 
 
-def test_class_without_ground_truth_or_prediction_is_none() -> None:
+def test_class_without_ground_truth_or_prediction_scores_one() -> None:
+    # camseg.overlap's empty-mask rule, as in quality.json and stage 3 (this sweep said None).
     cams = torch.zeros(1, 2, 4, 4)
     cams[0, 0, :2] = 1.0
     gt = torch.zeros(1, 4, 4, dtype=torch.uint8)
     gt[0, :2] = 1
     result = sweep_thresholds(cams, torch.tensor([[1, 0]]), gt, [0.5])
     row = result["per_threshold"][0]
-    assert row["dice"] == {"1": 1.0, "2": None}
+    assert row["dice"] == {"1": 1.0, "2": 1.0}
     assert row["mean_dice"] == 1.0 and row["mean_iou"] == 1.0
+    missed = sweep_thresholds(cams, torch.tensor([[0, 0]]), gt, [0.5])["per_threshold"][0]
+    assert missed["dice"] == {"1": 0.0, "2": 1.0} and missed["mean_dice"] == 0.5
 
 
 def test_bad_inputs_are_refused() -> None:

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from camseg.data.datamodule import CamSegDataModule
+from camseg.seg.stage import monitor_and_mode
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -197,3 +198,30 @@ def test_configured_augmentations_run_on_a_dataset(composer, tiny_dataset: Path)
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape[1:] == (1, 32, 32)
     assert batch["mask"].shape[1:] == (32, 32)
+
+
+def test_overrides_that_error_messages_suggest_are_accepted(composer) -> None:
+    # Stage 3's all-ignore error suggests seg.skip_unlabelled=true: the key must be declared
+    # (Hydra's struct mode rejects an undeclared one).
+    assert composer("seg.skip_unlabelled=true").seg.skip_unlabelled is True
+    assert composer("seg=fpn", "seg.monitor_mode=min").seg.monitor_mode == "min"
+
+
+def test_ensemble_options_live_in_the_ensemble_option(composer) -> None:
+    assert not {"methods", "fusion", "weights"} & set(composer().cam)
+    assert {"methods", "fusion", "weights"} <= set(composer("cam=ensemble").cam)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "val_has_gt", "expected"),
+    [
+        ((), True, ("val/dice", "max")),
+        ((), False, ("train/loss_epoch", "min")),
+        (("seg.monitor=val/loss",), True, ("val/loss", "min")),
+        (("seg.monitor=val/dice", "seg.monitor_mode=min"), True, ("val/dice", "min")),
+    ],
+)
+def test_seg_monitor_mode_follows_the_monitor_unless_set(
+    composer, overrides: tuple[str, ...], val_has_gt: bool, expected: tuple[str, str]
+) -> None:
+    assert monitor_and_mode(composer(*overrides).seg, val_has_gt) == expected

@@ -108,6 +108,15 @@ def test_diff_names_nested_added_and_removed_keys() -> None:
     assert fingerprint.describe(many, limit=3) == "k0: 0 -> 1, k1: 1 -> 2, k2: 2 -> 3 and 4 more"
 
 
+def test_keys_declared_later_with_their_old_behaviour_change_nothing() -> None:
+    before = {"seg": {"max_epochs": 1}, "cam": {"method": "cam", "fusion": "mean", "methods": []}}
+    after = {"seg": {"max_epochs": 1, "monitor_mode": "auto", "skip_unlabelled": False}}
+    after["cam"] = {"method": "cam"}
+    assert fingerprint.diff(before, after) == []
+    after["seg"]["skip_unlabelled"] = True
+    assert fingerprint.diff(before, after) == [Change("seg.skip_unlabelled", ABSENT, True)]
+
+
 def test_message_names_the_keys_the_upstream_redo_and_the_fix(tmp_path: Path) -> None:
     old = Fingerprint(
         "cls", {"model.max_epochs": 1, "model.scheduler.T_max": 1}, {"labels.csv": "a"}

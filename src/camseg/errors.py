@@ -21,6 +21,10 @@ class ConfigError(CamsegError):
     """A configuration value that cannot work."""
 
 
+class CoverageStop(CamsegError):
+    """Stage 2 stopped the run: its pseudo-masks leave a class uncovered (report.md says why)."""
+
+
 class DatasetProblems(DatasetError):
     """Every problem found in one dataset root (up to a cap), so all are fixed in one go.
 

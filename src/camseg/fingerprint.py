@@ -173,9 +173,24 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+# Keys declared in (or moved out of) the config tree later, with the value that behaves as
+# their absence did: a fingerprint recorded before still matches.
+NEUTRAL: dict[str, Any] = {
+    "cam.methods": [],
+    "cam.fusion": "mean",
+    "cam.weights": None,
+    "seg.monitor_mode": "auto",
+    "seg.skip_unlabelled": False,
+}
+
+
 def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
     """Changed, added and removed keys of two (possibly nested) mappings, sorted by key."""
     a, b = flatten(_plain(old)), flatten(_plain(new))
+    for k, v in NEUTRAL.items():
+        if (k in a) != (k in b) and a.get(k, b.get(k)) == v:
+            a.pop(k, None)
+            b.pop(k, None)
     return [
         Change(k, a.get(k, ABSENT), b.get(k, ABSENT))
         for k in sorted(a.keys() | b.keys())

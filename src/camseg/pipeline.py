@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from camseg import preflight
 from camseg.constants import STAGES
-from camseg.errors import ConfigError
+from camseg.errors import ConfigError, CoverageStop
 from camseg.rundir import RunDir
 
 log = logging.getLogger("camseg")
@@ -40,6 +40,9 @@ def run_pipeline(cfg: DictConfig) -> float | None:
     run = make_rundir(cfg, stages)
     import lightning as L  # imported after the cheap checks: a typo fails in a blink
     import torch
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from camseg.report import write_report
 
     preflight.check_data(cfg, run)  # every image and mask, before stage 1 builds anything
 
@@ -60,17 +63,18 @@ def run_pipeline(cfg: DictConfig) -> float | None:
         elif stage == "pseudo":
             from camseg.pseudo.stage import run_pseudo
 
-            results["pseudo"] = run_pseudo(cfg, run)
+            try:
+                results["pseudo"] = run_pseudo(cfg, run)
+            except CoverageStop:
+                if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+                    write_report(cfg, run, {})  # the finding goes on the page too
+                raise
         else:
             from camseg.seg.stage import run_seg
 
             results["seg"] = run_seg(cfg, run)
         timings[stage] = time.time() - t0
         log.info("=== stage %s done in %.1f s ===", stage, timings[stage])
-    from lightning.pytorch.utilities import rank_zero_only
-
-    from camseg.report import write_report
-
     report = write_report(cfg, run, timings) if rank_zero_only.rank == 0 else None  # type: ignore[attr-defined]
     if report is not None:
         log.info("report: %s", report)

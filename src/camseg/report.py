@@ -129,7 +129,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
             "## Stage 2: pseudo-masks",
             "",
             *_stale_note(stale, "pseudo"),
-            f"{len(manifest['samples'])} samples ({manifest['dataset']['split']} split); CAM `{cam['method']}` at `{cam['target_layer']}`, "
+            f"{len(manifest['samples'])} samples ({manifest['dataset']['split']} split); CAM `{cam['method']}` at `{cam.get('target_layer', 'each member layer')}`, "
             f"scales {cam['scales']}, flip {cam['flip']}; fg_threshold {pol['fg_threshold']}, bg_threshold {pol['bg_threshold']}, "
             f"CRF {'on' if pol['crf'] else 'off'}. Classifier sha256 `{manifest['classifier']['sha256'][:16]}…`.",
             "",

@@ -22,9 +22,9 @@ given a target layer name from ``model.named_modules()``::
 
     cams = GradCAM(torchvision_resnet, target_layer="layer4")(images, labels)
 
-From a config: ``_target_: camseg.cam.build_cam_method`` with ``name: gradcam``
-(and ``scales``/``flip`` for test-time augmentation), the model passed at
-instantiation.
+By name: ``build_cam_method("gradcam", model, scales=[1.0, 0.5], flip=True)``, any key
+of :data:`CAM_METHODS` or ``ensemble``; stage 2 calls it with ``conf/cam/*.yaml``'s
+``cam.method``, ``cam.target_layer``, ``cam.scales`` and ``cam.flip``.
 """
 
 from camseg.cam.base import CamMethod, eval_mode, normalize_cams

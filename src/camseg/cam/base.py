@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,7 +25,12 @@ class CamMethod(ABC):
     that a LightningModule owning both never registers its weights twice.
     """
 
-    name: str = "cam"
+    # Read by the registry (factory.CAM_METHODS), stage 2 and the manifest: config names
+    # (``name`` is the one recorded), backpropagation (no inference mode), target layer.
+    name: ClassVar[str] = "cam"
+    aliases: ClassVar[tuple[str, ...]] = ()
+    gradients: ClassVar[bool] = False
+    takes_target_layer: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -41,6 +46,11 @@ class CamMethod(ABC):
     @abstractmethod
     def compute(self, images: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
         """Raw maps (B,K,h,w) >= 0; ``present`` is a (B,K) bool mask or None (all classes)."""
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether running this method (with its members, for wrappers) backpropagates."""
+        return self.gradients
 
     def describe(self) -> dict[str, Any]:
         """What a manifest records about this method."""

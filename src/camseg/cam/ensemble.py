@@ -71,6 +71,10 @@ class Ensemble(CamMethod):
             return torch.einsum("m,m...->...", w, stacked)
         return stacked.mean(dim=0)
 
+    @property
+    def needs_gradients(self) -> bool:
+        return any(m.needs_gradients for m in self.methods)
+
     def describe(self) -> dict[str, Any]:
         return {
             "method": self.name,

@@ -1,4 +1,4 @@
-"""Build CAM methods by name, for configs (``_target_: camseg.cam.build_cam_method``)."""
+"""The registry of CAM methods, and building one (or an ensemble, with TTA) by name."""
 
 from __future__ import annotations
 
@@ -16,32 +16,29 @@ from camseg.cam.scorecam import ScoreCAM
 from camseg.cam.tta import MultiScaleCAM
 from camseg.errors import ConfigError
 
+#: Every config name (``cam.method``) -> its class; each class declares its names.
 CAM_METHODS: dict[str, type[CamMethod]] = {
-    "cam": CAM,
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "gradcampp": GradCAMPlusPlus,
-    "layercam": LayerCAM,
-    "scorecam": ScoreCAM,
+    alias: cls
+    for cls in (CAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM)
+    for alias in (cls.name, *cls.aliases)
 }
 
 
-def _build_one(name: str, model: nn.Module, kwargs: dict[str, Any]) -> CamMethod:
+def _build_one(
+    name: str, model: nn.Module, options: dict[str, Any], shared: Mapping[str, Any]
+) -> CamMethod:
     key = name.lower()
     if key not in CAM_METHODS:
         raise ConfigError(
-            f"cam.name='{name}': unknown CAM method; use one of {[*CAM_METHODS, 'ensemble']}"
+            f"cam.method='{name}': unknown CAM method; use one of {[*CAM_METHODS, 'ensemble']}"
         )
     cls = CAM_METHODS[key]
     accepted = inspect.signature(cls.__init__).parameters
-    # `multilabel` only matters to score-based methods: configs may set it for all.
-    if "multilabel" in kwargs and "multilabel" not in accepted:
-        kwargs = {k: v for k, v in kwargs.items() if k != "multilabel"}
-    unknown = sorted(set(kwargs) - set(accepted))
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
         allowed = [p for p in accepted if p not in ("self", "model")]
         raise ConfigError(f"cam: '{name}' does not take {unknown}; its options are {allowed}")
-    return cls(model, **kwargs)
+    return cls(model, **{k: v for k, v in shared.items() if k in accepted}, **options)
 
 
 def build_cam_method(
@@ -54,46 +51,44 @@ def build_cam_method(
     methods: Sequence[str | Mapping[str, Any]] | None = None,
     fusion: str = "mean",
     weights: Sequence[float] | None = None,
+    shared: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> CamMethod:
     """A CAM method by name, optionally ensembled and wrapped in multi-scale/flip TTA.
 
     Args:
-        name: ``cam``, ``gradcam``, ``gradcam++``, ``layercam``, ``scorecam`` or
-            ``ensemble``.
+        name: a key of :data:`CAM_METHODS`, or ``ensemble``.
         model: the classifier.
         scales: if given (or ``flip``), wrap in :class:`MultiScaleCAM` with these scales.
         flip: add horizontally flipped views (wraps in :class:`MultiScaleCAM`).
         size_divisor: see :class:`MultiScaleCAM`.
         methods: for ``ensemble``: names, or mappings ``{name: ..., **options}``.
         fusion, weights: for ``ensemble``, see :class:`Ensemble`.
+        shared: options given to each method that takes them and skipped by the others,
+            such as one ``target_layer`` or ``batch_size`` for a whole ensemble.
         **kwargs: options of the method (``target_layer``, ``relu``, ``batch_size``,
-            ``multilabel``); ``multilabel`` is dropped for methods it does not concern.
+            ``multilabel``), refused by a method that does not take them, except
+            ``multilabel``, which is shared.
 
-    Example (Hydra)::
-
-        cam:
-          _target_: camseg.cam.build_cam_method
-          name: gradcam
-          target_layer: encoder.body.7
-          scales: [1.0, 0.5, 1.5, 2.0]
-          flip: true
+    Stage 2 calls it with ``cfg.cam`` (``conf/cam/*.yaml``): ``method``, ``scales``, ``flip``,
+    ``shared={"target_layer": ..., "batch_size": ..., "multilabel": ...}``.
     """
+    shared = dict(shared or {})
+    if "multilabel" in kwargs:
+        shared["multilabel"] = kwargs.pop("multilabel")
     if name.lower() == "ensemble":
         if not methods:
-            raise ConfigError("cam.methods: name=ensemble needs a list of methods")
+            raise ConfigError("cam.methods: cam.method=ensemble needs a list of methods")
         members = []
         for spec in methods:
-            if isinstance(spec, str):
-                members.append(_build_one(spec, model, dict(kwargs)))
-            else:
-                options = {**kwargs, **dict(spec)}
-                if "name" not in options:
-                    raise ConfigError(f"cam.methods: entry {dict(spec)} has no 'name'")
-                members.append(_build_one(str(options.pop("name")), model, options))
+            entry = {"name": spec} if isinstance(spec, str) else dict(spec)
+            if "name" not in entry:
+                raise ConfigError(f"cam.methods: entry {entry} has no 'name'")
+            options = {**kwargs, **entry}
+            members.append(_build_one(str(options.pop("name")), model, options, shared))
         method: CamMethod = Ensemble(members, fusion=fusion, weights=weights)
     else:
-        method = _build_one(name, model, dict(kwargs))
+        method = _build_one(name, model, dict(kwargs), shared)
     if scales is not None or flip:
         method = MultiScaleCAM(
             method, scales=scales or (1.0,), flip=flip, size_divisor=size_divisor

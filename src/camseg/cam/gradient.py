@@ -31,6 +31,8 @@ class GradientCamMethod(CamMethod):
     """
 
     name = "gradient"
+    gradients = True
+    takes_target_layer = True
 
     def __init__(self, model: nn.Module, target_layer: str | None = None) -> None:
         super().__init__(model)
@@ -91,6 +93,7 @@ class GradCAMPlusPlus(GradientCamMethod):
     """
 
     name = "gradcam++"
+    aliases = ("gradcampp",)
 
     def combine(self, activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         grad2 = grad.pow(2)

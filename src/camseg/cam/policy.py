@@ -15,6 +15,14 @@ from camseg.constants import BACKGROUND, IGNORE_INDEX
 from camseg.errors import ConfigError
 
 
+def present_peak(cams: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,K,H,W) maps and (B,K) bool -> the largest present-class map (B,H,W) and its 1-based
+    class (B,H,W) uint8; the peak is -1, below every threshold, where no class is present."""
+    masked = torch.where(present[:, :, None, None].to(cams.device), cams, -1.0)
+    peak, index = masked.max(dim=1)
+    return peak, (index + 1).to(torch.uint8)
+
+
 def threshold_cams(
     cams: torch.Tensor, present: torch.Tensor, fg_threshold: float, bg_threshold: float
 ) -> torch.Tensor:
@@ -24,10 +32,7 @@ def threshold_cams(
     its 1-based class index); background where it is < ``bg_threshold`` or where no
     class is present; ignore (255) in between. Absent classes never win.
     """
-    # -1 is below every threshold in [0,1]: an image without present classes is background.
-    masked = torch.where(present[:, :, None, None].to(cams.device), cams, -1.0)
-    peak, index = masked.max(dim=1)
-    label = (index + 1).to(torch.uint8)
+    peak, label = present_peak(cams, present)
     ignore = torch.full_like(label, IGNORE_INDEX)
     background = torch.full_like(label, BACKGROUND)
     mask = torch.where(peak < bg_threshold, background, ignore)

@@ -29,6 +29,7 @@ class ScoreCAM(CamMethod):
     """
 
     name = "scorecam"
+    takes_target_layer = True
 
     def __init__(
         self,

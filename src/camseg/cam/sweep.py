@@ -1,8 +1,9 @@
 """Pseudo-mask quality against ground truth, over a sweep of foreground thresholds.
 
-Dataset-level counts (TP/FP/FN summed over all images, then Dice/IoU per class),
-streamed batch by batch. :class:`ThresholdSweep` is a torchmetrics ``Metric`` so
-that under DDP its counts are summed across processes before ``compute()``.
+Dataset-level counts (TP/FP/FN summed over all images, then Dice/IoU per class, with
+the counting and empty-mask rule of :mod:`camseg.overlap`), streamed batch by batch.
+:class:`ThresholdSweep` is a torchmetrics ``Metric`` so that under DDP its counts are
+summed across processes before ``compute()``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,9 @@ from torchmetrics import Metric
 
 from camseg.cam.base import present_mask
 from camseg.cam.policy import threshold_cams
-from camseg.constants import IGNORE_INDEX
+from camseg.constants import BACKGROUND, IGNORE_INDEX
 from camseg.errors import ConfigError
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> list[float | None]:
-    """num / den element-wise as floats, None where den == 0 (JSON-safe, no NaN)."""
-    return [None if d == 0 else float(n / d) for n, d in zip(num.tolist(), den.tolist())]
+from camseg.overlap import confusion_counts, scores
 
 
 class ThresholdSweep(Metric):
@@ -39,14 +36,15 @@ class ThresholdSweep(Metric):
         class_names: names for the per-class entries of :meth:`compute` (default
             ``"1".."K"``).
 
-    ``confusion[t, p, g]`` counts pixels predicted p (0 bg, 1..K, K+1 ignore) with
-    ground truth g (0..K).
+    ``counts[t, k]`` holds tp, fp, fn of class k+1; ``pixels[t]`` the ignore-predicted,
+    background-predicted, correctly background-predicted and valid pixels.
     """
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = True
-    confusion: torch.Tensor
+    counts: torch.Tensor
+    pixels: torch.Tensor
 
     def __init__(
         self,
@@ -74,10 +72,11 @@ class ThresholdSweep(Metric):
             if class_names is not None
             else [str(k) for k in range(1, num_classes + 1)]
         )
-        shape = (len(thresholds), num_classes + 2, num_classes + 1)
-        self.add_state(
-            "confusion", default=torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum"
-        )
+        for state, shape in (
+            ("counts", (len(thresholds), num_classes, 3)),
+            ("pixels", (len(thresholds), 4)),
+        ):
+            self.add_state(state, torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, cams: torch.Tensor, labels: torch.Tensor, gt: torch.Tensor) -> None:
         """Add one batch: cams (B,K,H,W) in [0,1], labels (B,K), gt (B,H,W) in 0..K or 255."""
@@ -87,7 +86,7 @@ class ThresholdSweep(Metric):
                 f"ThresholdSweep.update: cams {tuple(cams.shape)} must be (B,{k},H,W) "
                 f"and gt {tuple(gt.shape)} (B,H,W) of the same size"
             )
-        device = self.confusion.device
+        device = self.counts.device
         present = present_mask(labels, cams.shape[0]).to(device)
         gt = gt.to(device=device, dtype=torch.long)
         valid = gt != IGNORE_INDEX
@@ -96,56 +95,42 @@ class ThresholdSweep(Metric):
                 f"ThresholdSweep.update: ground truth has values outside 0..{k} and 255"
             )
         cams = cams.to(device)
-        cells = (k + 2) * (k + 1)
-        dump = torch.full_like(gt, cells)
         for i, t in enumerate(self.fg_thresholds):
             bg = t if self.bg_threshold is None else min(self.bg_threshold, t)
-            pred = threshold_cams(cams, present, t, bg).long()
-            pred = torch.where(pred == IGNORE_INDEX, k + 1, pred)
-            index = torch.where(valid, pred * (k + 1) + gt, dump).flatten()
-            # index_add_ rather than bincount: bincount syncs with the host on CUDA.
-            counts = torch.zeros(cells + 1, dtype=torch.long, device=device)
-            counts.index_add_(0, index, torch.ones_like(index))
-            self.confusion[i] += counts[:cells].view(k + 2, k + 1)
+            pred = threshold_cams(cams, present, t, bg)
+            self.counts[i] += confusion_counts(pred, gt, k).sum(dim=0)
+            background = (pred == BACKGROUND) & valid
+            ignored = (pred == IGNORE_INDEX) & valid
+            self.pixels[i] += torch.stack(
+                [ignored.sum(), background.sum(), (background & (gt == 0)).sum(), valid.sum()]
+            )
 
     def compute(self) -> dict[str, Any]:
-        """JSON-ready results: per threshold, per-class and mean Dice/IoU, and the best t.
-
-        Dice/IoU of a class with neither ground truth nor prediction is None and is
-        left out of the means.
-        """
-        k = self.num_classes
-        conf = self.confusion.double().cpu()
+        """JSON-ready results: per threshold, per-class and mean Dice/IoU, and the best t."""
+        overlap = scores(self.counts.cpu())  # (T,K) each
+        pixels = self.pixels.cpu().tolist()
         rows: list[dict[str, Any]] = []
         for i, t in enumerate(self.fg_thresholds):
-            c = conf[i]
-            tp = c.diagonal()[1 : k + 1]
-            predicted = c[1 : k + 1].sum(dim=1)
-            actual = c[:, 1:].sum(dim=0)
-            dice = _ratio(2 * tp, predicted + actual)
-            iou = _ratio(tp, predicted + actual - tp)
-            dice_ok = [d for d in dice if d is not None]
-            iou_ok = [v for v in iou if v is not None]
-            total = c.sum()
+            ignored, background, correct, valid = pixels[i]
             rows.append(
                 {
                     "fg_threshold": t,
-                    "dice": dict(zip(self.class_names, dice)),
-                    "iou": dict(zip(self.class_names, iou)),
-                    "mean_dice": sum(dice_ok) / len(dice_ok) if dice_ok else None,
-                    "mean_iou": sum(iou_ok) / len(iou_ok) if iou_ok else None,
-                    "ignore_fraction": _ratio(c[k + 1].sum()[None], total[None])[0],
-                    "bg_precision": _ratio(c[0, 0][None], c[0].sum()[None])[0],
+                    "dice": dict(zip(self.class_names, overlap.dice[i].tolist())),
+                    "iou": dict(zip(self.class_names, overlap.iou[i].tolist())),
+                    "mean_dice": float(overlap.dice[i].mean()),
+                    "mean_iou": float(overlap.iou[i].mean()),
+                    # None rather than NaN where nothing was counted: JSON-safe.
+                    "ignore_fraction": ignored / valid if valid else None,
+                    "bg_precision": correct / background if background else None,
                 }
             )
-        scored = [(r["mean_dice"], r["fg_threshold"]) for r in rows if r["mean_dice"] is not None]
-        best = max(scored, key=lambda pair: pair[0]) if scored else None
+        best = max(rows, key=lambda r: r["mean_dice"])
         return {
             "fg_thresholds": list(self.fg_thresholds),
             "bg_threshold": self.bg_threshold,
             "classes": list(self.class_names),
             "per_threshold": rows,
-            "best": None if best is None else {"fg_threshold": best[1], "mean_dice": best[0]},
+            "best": {"fg_threshold": best["fg_threshold"], "mean_dice": best["mean_dice"]},
         }
 
 

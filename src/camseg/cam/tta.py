@@ -84,6 +84,10 @@ class MultiScaleCAM(CamMethod):
             total = total * present[:, :, None, None].to(total.dtype)
         return normalize_cams(total)
 
+    @property
+    def needs_gradients(self) -> bool:
+        return self.method.needs_gradients
+
     def describe(self) -> dict[str, Any]:
         return {
             **self.method.describe(),

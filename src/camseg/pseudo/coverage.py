@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_only
 
-from camseg.errors import CamsegError, ConfigError
+from camseg.errors import CamsegError, ConfigError, CoverageStop
 from camseg.utils.io import read_json
 
 log = logging.getLogger(__name__)
@@ -196,20 +195,6 @@ def empty_classes(coverage: dict[str, Any]) -> list[str]:
     ]
 
 
-def stop_if_uncovered(
-    coverage: dict[str, Any] | None,
-    min_coverage: float,
-    policy: dict[str, Any] | None,
-    where: str,
-) -> None:
-    """Raise the one-line :class:`CamsegError` of :func:`coverage_problem`, prefixed by ``where``."""
-    if coverage is None:
-        return
-    problem = coverage_problem(coverage, min_coverage, policy)
-    if problem is not None:
-        raise CamsegError(f"{where}: {problem}")
-
-
 def summary_lines(coverage: dict[str, Any]) -> list[str]:
     """Compact log lines, one per class."""
     out = []
@@ -249,7 +234,7 @@ def stop_if_uncovered_run(cfg: Any, run: Any, provenance: dict[str, Any]) -> Non
     """Stage 2's gate: after its artifacts are written, stop the run when a class is uncovered.
 
     Every DDP rank reads the same quality.json (written by rank 0 before the barrier), so all
-    ranks stop together; rank 0 first writes report.md so the finding is on the page too.
+    ranks stop together; the pipeline catches :class:`CoverageStop` to write report.md first.
     """
     min_coverage = check_min_coverage(cfg.pseudo.get("min_positive_coverage", 0.0))
     path = run.pseudo / "quality.json"
@@ -271,11 +256,7 @@ def stop_if_uncovered_run(cfg: Any, run: Any, provenance: dict[str, Any]) -> Non
             )
         return
     log.error("stage pseudo: %s", problem)
-    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-        from camseg.report import write_report
-
-        write_report(cfg, run, {})
-    raise CamsegError(f"{path}: {problem}")
+    raise CoverageStop(f"{path}: {problem}")
 
 
 def check_manifest_coverage(manifest: Any, train_ids: Any, min_positive_coverage: Any) -> None:

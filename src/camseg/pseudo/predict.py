@@ -24,7 +24,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from camseg.cam import PseudoMaskPolicy
 from camseg.cam.base import CamMethod
-from camseg.constants import IGNORE_INDEX
+from camseg.cam.policy import present_peak
+from camseg.constants import BACKGROUND, IGNORE_INDEX
+from camseg.overlap import confusion_counts
 from camseg.utils.io import (
     read_image,
     read_mask,
@@ -134,35 +136,15 @@ class SampleInfo:
     group: str
 
 
-def sample_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> list[list[int]]:
-    """[[tp, fp, fn] per class 1..K] of a class-index prediction vs ground truth; 255 in pred counts as not-fg."""
-    valid = gt != IGNORE_INDEX
-    out = []
-    for k in range(1, num_classes + 1):
-        p = (pred == k) & valid
-        g = (gt == k) & valid
-        tp = int(np.count_nonzero(p & g))
-        out.append([tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(g)) - tp])
-    return out
-
-
 def sweep_counts(
     cams: np.ndarray, labels: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]
 ) -> list[list[list[int]]]:
-    """Counts per threshold of the CAM-only segmentation ``argmax over present classes where >= t``."""
-    k = cams.shape[0]
-    present = labels.astype(bool)
-    if not present.any():
-        pred_base = np.zeros(gt.shape, np.uint8)
-        return [sample_counts(pred_base, gt, k) for _ in thresholds]
-    masked = np.where(present[:, None, None], cams, -1.0)
-    best = masked.argmax(axis=0).astype(np.uint8)  # K < 255: no int64 map per image
-    score = masked.max(axis=0)
-    out = []
-    for t in thresholds:
-        pred = np.where(score >= t, best + 1, 0).astype(np.uint8)
-        out.append(sample_counts(pred, gt, k))
-    return out
+    """Counts per threshold of the CAM-only segmentation: :func:`threshold_cams` without ignore band."""
+    peak, label = present_peak(
+        torch.from_numpy(cams)[None], torch.from_numpy(labels.astype(bool))[None]
+    )
+    preds = torch.cat([torch.where(peak >= t, label, BACKGROUND) for t in thresholds])
+    return confusion_counts(preds, torch.from_numpy(gt)[None], len(cams)).tolist()
 
 
 def lacking_files(out_dir: Path, ids: set[str], save_cams: bool, overlay_ids: set[str]) -> set[str]:
@@ -298,7 +280,9 @@ class PseudoLabelWriter(BasePredictionWriter):
                     f"{info.gt_path}: mask size {gt.shape} differs from its image {mask.shape}"
                 )
             row["quality"] = {
-                "counts": sample_counts(mask, gt, self.num_classes),
+                "counts": confusion_counts(
+                    torch.from_numpy(mask)[None], torch.from_numpy(gt)[None], self.num_classes
+                )[0].tolist(),
                 # at the CAMs' size (a large image's working size: see CamPredictModule)
                 "sweep": sweep_counts(
                     probs, labels, resize_nearest(gt, *probs.shape[1:]), self.thresholds

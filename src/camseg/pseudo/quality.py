@@ -7,17 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from camseg.overlap import scores
 from camseg.utils.io import write_bytes_atomic, write_json_atomic
-
-
-def _dice_iou(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """c (...,3) of tp, fp, fn -> Dice, IoU (1.0 where prediction and truth are both empty)."""
-    tp, fp, fn = c[..., 0].astype(float), c[..., 1].astype(float), c[..., 2].astype(float)
-    d_den, i_den = 2 * tp + fp + fn, tp + fp + fn
-    dice = np.where(d_den > 0, 2 * tp / np.maximum(d_den, 1), 1.0)
-    iou = np.where(i_den > 0, tp / np.maximum(i_den, 1), 1.0)
-    return dice, iou
 
 
 def compute_quality(
@@ -28,19 +21,18 @@ def compute_quality(
 ) -> dict[str, Any] | None:
     """Dataset-level Dice/IoU of the pseudo-masks (ignore counted as not foreground) and the threshold sweep.
 
-    Counts are summed over all samples with ground truth, then Dice per class, then the
-    macro mean over classes. Returns None when no sample has ground truth.
+    Counts are summed over all samples with ground truth, then Dice per class (the
+    empty-mask rule of :mod:`camseg.overlap`), then the macro mean over classes. Returns
+    None when no sample has ground truth.
     """
     rows = [r for r in rows if "quality" in r]
     if not rows:
         return None
     counts = np.array([r["quality"]["counts"] for r in rows], dtype=np.int64).sum(axis=0)  # (K,3)
     sweep = np.array([r["quality"]["sweep"] for r in rows], dtype=np.int64).sum(axis=0)  # (T,K,3)
-    dice, iou = _dice_iou(counts)
+    dice, iou, recall, precision = (x.numpy() for x in scores(torch.from_numpy(counts)))
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
-    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), np.nan)
-    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), np.nan)
-    s_dice, s_iou = _dice_iou(sweep)
+    s_dice, s_iou = (x.numpy() for x in scores(torch.from_numpy(sweep))[:2])
     macro = s_dice.mean(axis=1)
     best = int(np.argmax(macro))
     ignore = float(np.mean([r.get("ignore_fraction", 0.0) for r in rows]))

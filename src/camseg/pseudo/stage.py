@@ -13,11 +13,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from camseg import __version__, fingerprint
-from camseg.cam import PseudoMaskPolicy, build_cam_method
-from camseg.cam.layers import default_target_layer
+from camseg.cam import CamMethod, PseudoMaskPolicy, build_cam_method
 from camseg.cls.checkpoint import check_compatible, load_classifier
 from camseg.cls.stage import build_datamodule
-from camseg.constants import MANIFEST_SCHEMA_VERSION
+from camseg.constants import IGNORE_INDEX, MANIFEST_SCHEMA_VERSION
 from camseg.errors import CamsegError, ConfigError
 from camseg.pseudo.coverage import (
     check_min_coverage,
@@ -33,45 +32,29 @@ from camseg.utils.io import read_json, remove_path, sha256_file, write_json_atom
 
 log = logging.getLogger(__name__)
 
-GRADIENT_METHODS = ("gradcam", "gradcam++", "layercam")
 
-
-def build_engine(cfg: DictConfig, model: Any, multilabel: bool) -> tuple[Any, dict[str, Any]]:
+def build_engine(cfg: DictConfig, model: Any, multilabel: bool) -> tuple[CamMethod, dict[str, Any]]:
     """The CAM engine (method + TTA) from ``cfg.cam``, and its description for the manifest."""
     c = cfg.cam
-    method = str(c.method)
-    kwargs: dict[str, Any] = {}
-    target_layer = c.get("target_layer")
-    uses_layer = method in GRADIENT_METHODS or method == "scorecam"
-    if method == "ensemble":
-        members = list(c.get("methods") or [])
-        if not members:
-            raise ConfigError(
-                "cam.method=ensemble needs cam.methods, e.g. cam.methods=[cam,layercam]"
-            )
-        uses_layer = any(str(m) in (*GRADIENT_METHODS, "scorecam") for m in members)
-        kwargs.update(
-            methods=members, fusion=str(c.get("fusion", "mean")), weights=c.get("weights")
-        )
-    if uses_layer:
-        target_layer = target_layer or default_target_layer(model)
-        kwargs["target_layer"] = target_layer
-    if method == "scorecam" or (method == "ensemble" and "scorecam" in kwargs.get("methods", [])):
-        kwargs["batch_size"] = int(c.get("scorecam_batch_size", 32))
-    if method in ("scorecam", "ensemble"):
-        kwargs["multilabel"] = multilabel
-    scales = [float(s) for s in c.scales]
-    engine = build_cam_method(method, model, scales=scales, flip=bool(c.flip), **kwargs)
-    desc = {
-        "method": method,
-        "target_layer": target_layer if uses_layer else "features (classifier weights, no hooks)",
-        "members": list(kwargs.get("methods", [])),
-        "fusion": kwargs.get("fusion"),
-        "scales": scales,
-        "flip": bool(c.flip),
-        "image_size": int(cfg.data.image_size),
+    members = list(c.get("methods") or [])
+    if c.method == "ensemble" and not members:
+        raise ConfigError("cam.method=ensemble needs cam.methods, e.g. cam.methods=[cam,layercam]")
+    ensemble = {"methods": members, "fusion": c.get("fusion", "mean"), "weights": c.get("weights")}
+    shared: dict[str, Any] = {
+        "multilabel": multilabel,
+        "batch_size": int(c.get("scorecam_batch_size", 32)),
     }
-    return engine, desc
+    if c.get("target_layer"):
+        shared["target_layer"] = str(c.target_layer)
+    engine = build_cam_method(
+        str(c.method),
+        model,
+        scales=[float(s) for s in c.scales],
+        flip=bool(c.flip),
+        shared=shared,
+        **(ensemble if c.method == "ensemble" else {}),
+    )
+    return engine, {**engine.describe(), "image_size": int(cfg.data.image_size)}
 
 
 def build_policy(cfg: DictConfig, multilabel: bool) -> PseudoMaskPolicy:
@@ -101,13 +84,7 @@ def _provenance(
             "classes": dm.classes,
         },
         "cam": cam_desc,
-        "policy": {
-            "fg_threshold": policy.fg_threshold,
-            "bg_threshold": policy.bg_threshold,
-            "min_component_size": policy.min_component_size,
-            "crf": None if policy.crf is None else dict(vars(policy.crf)),
-            "ignore_index": 255,
-        },
+        "policy": {**policy.describe(), "ignore_index": IGNORE_INDEX},
         "dataset": {
             "root": str(Path(dm.root).resolve()),
             "labels_sha256": sha256_file(Path(dm.root) / "labels.csv"),
@@ -262,7 +239,7 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             out,
             callbacks=False,
             loggers=False,
-            inference_mode=cfg.cam.method not in (*GRADIENT_METHODS, "ensemble"),
+            inference_mode=not engine.needs_gradients,
             max_epochs=None,
         )
         trainer.callbacks.append(writer)  # type: ignore[attr-defined]

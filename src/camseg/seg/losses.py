@@ -168,7 +168,7 @@ class SegLoss(nn.Module):
         self.weights = {name: float(weights.get(name, 1.0)) for name in self.terms}
 
     def components(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every term's unweighted value, for logging (e.g. ``train/loss_dice``)."""
+        """Every term's unweighted value (``{"dice": ..., "ce": ...}``); training logs only the sum."""
         _check_shapes(logits, target, self.num_classes)
         # Losses in float32 whatever the model's precision: smp's Lovasz fails on bf16 logits
         # and its Dice sums would lose precision in half types.

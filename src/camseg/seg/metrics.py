@@ -4,14 +4,7 @@ Conventions (shared with the losses): masks are ``(B,H,W)`` int64, 0 = backgroun
 ``1..K`` = foreground classes, ``ignore_index`` (255) = not evaluated. Metrics are reported
 for the foreground classes only.
 
-Empty cases, decided once here:
-
-- Dice and IoU of an image (or patient) whose ground truth *and* prediction are both empty
-  for a class are ``empty_value`` (1.0 by default): correctly predicting "nothing here" on a
-  normal slice is a perfect result. Dataset-level scores sum the counts over all images
-  first, so they are not affected by this convention unless a class never occurs at all.
-- Sensitivity (tp / (tp + fn)) without ground-truth pixels and precision (tp / (tp + fp))
-  without predicted pixels are undefined: NaN, and left out of means (nanmean).
+Counting and the empty-mask rule: :mod:`camseg.overlap`.
 """
 
 from __future__ import annotations
@@ -19,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -27,6 +20,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from camseg.constants import IGNORE_INDEX
 from camseg.errors import ConfigError
+from camseg.overlap import confusion_counts, dice_iou
 
 
 def group_id(name: str) -> int:
@@ -42,95 +36,6 @@ def group_id(name: str) -> int:
 def group_ids(names: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
     """``group_id`` of each name, as a ``(B,)`` int64 tensor for ``SegMetrics.update``."""
     return torch.tensor([group_id(n) for n in names], dtype=torch.int64, device=device)
-
-
-_CHUNK_PIXELS = 4 * 1024 * 1024
-
-
-def confusion_counts(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Per-image, per-class pixel counts of true positives, false positives, false negatives.
-
-    Args:
-        pred: ``(B,H,W)`` int predicted labels. Values outside ``1..K`` (e.g. 255 in a
-            pseudo-mask) predict no foreground class.
-        target: ``(B,H,W)`` int labels in ``0..K`` or ``ignore_index``; ignored pixels are
-            not counted.
-        num_classes: K, the number of foreground classes.
-        ignore_index: target value that is not evaluated.
-
-    Returns:
-        ``(B,K,3)`` int64: ``[..., 0]`` tp, ``[..., 1]`` fp, ``[..., 2]`` fn of classes 1..K.
-
-    Raises:
-        ValueError: shapes differ, or target has a value outside ``0..K`` other than ignore.
-    """
-    if pred.shape != target.shape or target.ndim < 2:
-        raise ValueError(
-            f"confusion_counts: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
-            "must both be (B,H,W)"
-        )
-    rows = max(1, _CHUNK_PIXELS // max(1, target.shape[0] * target[0, 0].numel()))
-    if target.ndim == 3 and target.shape[1] > rows:
-        # Large images: int64 copies of whole maps cost 8 bytes a pixel each; count by row bands.
-        return sum(
-            confusion_counts(
-                pred[:, i : i + rows], target[:, i : i + rows], num_classes, ignore_index
-            )
-            for i in range(0, target.shape[1], rows)
-        )  # type: ignore[return-value]
-    k1 = num_classes + 1
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target > num_classes))
-    if bool(bad.any()):
-        raise ValueError(
-            f"confusion_counts: target has value {int(target[bad][0])}; expected 0..{num_classes} "
-            f"or {ignore_index} (ignore)"
-        )
-    b = target.shape[0]
-    pred = pred.long().reshape(b, -1)
-    pred = torch.where((pred >= 0) & (pred <= num_classes), pred, torch.zeros_like(pred))
-    target = target.long().reshape(b, -1)
-    valid = valid.reshape(b, -1)
-    # One bincount over (image, true, predicted) gives every image's full confusion matrix.
-    image = torch.arange(b, device=target.device).unsqueeze(1)
-    flat = (image * k1 + target) * k1 + pred
-    cm = torch.bincount(flat[valid], minlength=b * k1 * k1).reshape(b, k1, k1)
-    tp = cm.diagonal(dim1=1, dim2=2)
-    fp = cm.sum(dim=1) - tp  # predicted as c, truly something else
-    fn = cm.sum(dim=2) - tp  # truly c, predicted as something else
-    return torch.stack([tp, fp, fn], dim=-1)[:, 1:]
-
-
-class Scores(NamedTuple):
-    """Overlap scores, float64 tensors of the counts' shape."""
-
-    dice: torch.Tensor
-    iou: torch.Tensor
-    sensitivity: torch.Tensor
-    precision: torch.Tensor
-
-
-def dice_iou(
-    tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, empty_value: float = 1.0
-) -> Scores:
-    """Dice, IoU, sensitivity (recall) and precision from counts of any (equal) shape.
-
-    Dice and IoU are ``empty_value`` where ground truth and prediction are both empty;
-    sensitivity is NaN where ``tp + fn == 0``, precision NaN where ``tp + fp == 0``.
-    """
-    tp, fp, fn = (x.to(torch.float64) for x in (tp, fp, fn))
-
-    def ratio(num: torch.Tensor, den: torch.Tensor, empty: float) -> torch.Tensor:
-        return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, empty))
-
-    return Scores(
-        dice=ratio(2 * tp, 2 * tp + fp + fn, empty_value),
-        iou=ratio(tp, tp + fp + fn, empty_value),
-        sensitivity=ratio(tp, tp + fn, float("nan")),
-        precision=ratio(tp, tp + fp, float("nan")),
-    )
 
 
 class SegMetrics(Metric):

@@ -83,6 +83,20 @@ def check_manifest_masks(
     return masks
 
 
+def monitor_and_mode(seg: DictConfig, val_has_gt: bool) -> tuple[str, str]:
+    """``seg.monitor`` and ``seg.monitor_mode`` with ``auto`` resolved: the validation Dice when
+    validation has ground truth, else the training loss; min for a loss, else max."""
+    monitor = str(seg.get("monitor", "auto"))
+    if monitor == "auto":
+        monitor = "val/dice" if val_has_gt else "train/loss_epoch"
+    mode = str(seg.get("monitor_mode", "auto"))
+    if mode == "auto":
+        mode = "min" if "loss" in monitor else "max"
+    if mode not in ("min", "max"):
+        raise ConfigError(f"seg.monitor_mode={mode}: use auto, min or max")
+    return monitor, mode
+
+
 def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule:
     s = cfg.seg
     net_cfg = {
@@ -146,15 +160,11 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         dataset_root=dm.root,
         classes=dm.classes,
     )
-    masks = check_manifest_masks(manifest, dm, bool(cfg.seg.get("skip_unlabelled", False)))
+    masks = check_manifest_masks(manifest, dm, bool(cfg.seg.skip_unlabelled))
     fp = fingerprint.compute("seg", cfg, fingerprint.seg_inputs(cfg, run.manifest))
     check_manifest_coverage(manifest, masks, cfg.pseudo.get("min_positive_coverage", 0.0))
     val_has_gt = any(s.mask for s in dm.samples("val"))
-    monitor = str(cfg.seg.get("monitor", "auto"))
-    if monitor == "auto":
-        monitor, mode = ("val/dice", "max") if val_has_gt else ("train/loss_epoch", "min")
-    else:
-        mode = "min" if "loss" in monitor else "max"
+    monitor, mode = monitor_and_mode(cfg.seg, val_has_gt)
     log.info(
         "stage seg: best checkpoint by %s (%s)",
         monitor,

@@ -14,7 +14,8 @@ from camseg.data.prepare import ctich, folder_per_class, lgg_mri, lidc
 from camseg.data.prepare.ctich import convert_ct_ich
 from camseg.data.prepare.folder_per_class import convert_folder
 from camseg.data.prepare.lgg_mri import convert_lgg_mri
-from camseg.data.prepare.lidc import LidcScanRecord, LidcSource, convert_lidc
+from camseg.data.prepare.lidc import convert_lidc
+from camseg.data.prepare.lidc_annotations import LidcScanRecord, LidcSource
 from camseg.data.prepare.windowing import WINDOW_PRESETS, CtWindow, apply_windows, parse_windows
 
 __all__ = [

