@@ -205,19 +205,20 @@ def predict_images(
         for f, raw, mask in zip(ok, raws, model.predict(imgs), strict=True):
             name = _name(f, root)
             save_png_atomic(out / "masks" / f"{name}.png", mask)
-            h, w = working_size(*raw.shape[:2], model.max_image_pixels)
+            h, w = working_size(raw.shape[0], raw.shape[1], model.max_image_pixels)
             if (h, w) != raw.shape[:2]:
                 assert model.max_image_pixels is not None
                 warn_large(
                     "camseg-predict",
                     str(f),
-                    *raw.shape[:2],
+                    raw.shape[0],
+                    raw.shape[1],
                     model.max_image_pixels,
                     "max_image_pixels",
                 )
             if overlays:
                 # Drawn at a bounded size: a large image's overlay is a picture to look at.
-                h, w = working_size(*raw.shape[:2], OVERLAY_MAX_PIXELS)
+                h, w = working_size(raw.shape[0], raw.shape[1], OVERLAY_MAX_PIXELS)
                 rgb = to_rgb(resize_area(raw, h, w))
                 mask = resize_nearest(mask, h, w)
                 save_png_atomic(

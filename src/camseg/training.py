@@ -71,7 +71,7 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def _write_last_if_missed(self, trainer: L.Trainer) -> None:
         if (
             not self.save_last
-            or trainer.fast_dev_run
+            or getattr(trainer, "fast_dev_run", False)
             or trainer.sanity_checking
             or trainer.state.fn != "fit"
             or self._last_written_step == trainer.global_step

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +184,7 @@ class EpochShuffle(RandomSampler):
     this sampler by a ``DistributedSampler`` under DDP, as it does a ``RandomSampler``).
     """
 
-    def __init__(self, data_source: Sequence[Any], seed: int) -> None:
+    def __init__(self, data_source: Sized, seed: int) -> None:
         super().__init__(data_source)
         self.seed = int(seed)
         self.epoch = 0
@@ -430,7 +430,11 @@ class CamSegDataModule(L.LightningDataModule):
         # any epoch hook, and does not make a new one for the first epoch of a resumed fit:
         # the sampler and the augmentations must already know that epoch here.
         trainer = self.trainer
-        epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        epoch = (
+            int(trainer.fit_loop.epoch_progress.current.processed)  # type: ignore[attr-defined]
+            if trainer is not None
+            else 0
+        )
         ds.set_epoch(epoch)
         if isinstance(loader.sampler, EpochShuffle):
             loader.sampler.set_epoch(epoch)

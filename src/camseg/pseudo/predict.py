@@ -292,7 +292,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         if sid in self.overlay_ids:
             assert image is not None
             # Drawn at a bounded size: a large image's overlay is a picture to look at.
-            h, w = working_size(*cams.shape[1:], OVERLAY_MAX_PIXELS)
+            h, w = working_size(cams.shape[1], cams.shape[2], OVERLAY_MAX_PIXELS)
             if (h, w) != cams.shape[1:]:
                 cams = np.stack(
                     [

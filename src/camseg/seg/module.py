@@ -215,7 +215,7 @@ class SegmenterModule(L.LightningModule):
             if self._overlays_written < self.overlays and "image_path" in batch:
                 image = to_rgb(read_image(batch["image_path"][i]))
                 # Drawn at a bounded size: a large image's overlay is a picture to look at.
-                h, w = working_size(*image.shape[:2], OVERLAY_MAX_PIXELS)
+                h, w = working_size(image.shape[0], image.shape[1], OVERLAY_MAX_PIXELS)
                 image = resize_area(image, h, w)
                 right = draw_contours(image, resize_nearest(p, h, w))
                 title = "prediction"

@@ -415,7 +415,7 @@ def _grid_row(
     image = to_rgb(read_image(image_path))
     # A figure for people: a large image is drawn at a bounded size (its float heatmap and
     # blend would otherwise cost gigabytes).
-    h, w = working_size(*image.shape[:2], OVERLAY_MAX_PIXELS)
+    h, w = working_size(image.shape[0], image.shape[1], OVERLAY_MAX_PIXELS)
     image = resize_area(image, h, w)
     pred, gt = resize_nearest(pred, h, w), resize_nearest(gt, h, w)
     cam_path = manifest.root / "cams" / f"{row['id']}.npz"
