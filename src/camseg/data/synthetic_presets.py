@@ -108,6 +108,22 @@ def get_preset(name: str) -> Preset:
 # ----------------------------------------------------------------------------- labels
 
 
+def _streams(seq: np.random.SeedSequence) -> list[np.random.Generator]:
+    """Label, anatomy and lesion generators: ``seq.spawn(3)`` of a fresh ``seq``.
+
+    Built from the spawn keys rather than by ``spawn``, which would advance ``seq`` and give
+    a second call other streams.
+    """
+    return [
+        np.random.default_rng(
+            np.random.SeedSequence(
+                seq.entropy, spawn_key=(*seq.spawn_key, k), pool_size=seq.pool_size
+            )
+        )
+        for k in range(3)
+    ]
+
+
 def _positive_runs(
     rng: np.random.Generator, m: int, p: float, force_positive: bool, force_negative: bool
 ) -> list[tuple[int, int]]:
@@ -147,7 +163,7 @@ def slice_labels(
     force_negative: bool = False,
 ) -> np.ndarray:
     """(M,) bool: which slices of this patient show a lesion, without rendering anything."""
-    rng = np.random.default_rng(seq.spawn(3)[0])
+    rng = _streams(seq)[0]
     labels = np.zeros(slices, dtype=bool)
     for a, b in _positive_runs(rng, slices, lesion_prob, force_positive, force_negative):
         labels[a : b + 1] = True
@@ -399,7 +415,7 @@ def render_realistic_volume(
         images (M,H,W,3) uint8 (brain, subdural, bone windows), masks (M,H,W) uint8 in
         {0, 1} (label = mask.any()), and one :class:`LesionRecord` per lesion and slice.
     """
-    label_rng, anat_rng, lesion_rng = (np.random.default_rng(s) for s in seq.spawn(3))
+    label_rng, anat_rng, lesion_rng = _streams(seq)
     g = Grid(size)
     runs = _positive_runs(label_rng, slices, lesion_prob, force_positive, force_negative)
     head = _HuHead(anat_rng, g, slices)
