@@ -98,6 +98,9 @@ def test_positive_rate_is_about_twelve_percent_and_clustered_in_patients() -> No
     # Real bleeds are per patient: about 40-55 % of the patients have none at all.
     assert 0.4 <= (~labels.any(axis=1)).mean() <= 0.65
     assert slice_labels(np.random.SeedSequence(0, spawn_key=(5,)), 24, 0.0).sum() == 0
+    # Above the preset's rate every patient bleeds and the runs grow.
+    high = [slice_labels(np.random.SeedSequence(0, spawn_key=(i,)), 24, 0.5) for i in range(300)]
+    assert 0.4 <= np.mean(high) <= 0.6
 
 
 @pytest.fixture(scope="module")

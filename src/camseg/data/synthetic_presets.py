@@ -129,24 +129,24 @@ def _positive_runs(
 ) -> list[tuple[int, int]]:
     """(first, last) slice of each lesion run; about a fraction ``p`` of slices are covered.
 
-    A patient bleeds with probability ``p / MEAN_POSITIVE_COVERAGE`` (capped at 1); a bleeding
-    patient has one run (two with probability 0.3, merged when they touch) of 6-30 % of its
-    slices each. All draws are made whatever the outcome, so the forced cases stay
-    deterministic.
+    A patient bleeds with probability ``p / MEAN_POSITIVE_COVERAGE``; a bleeding patient has
+    one run (two with probability 0.3, merged when they touch) of 6-30 % of its slices each.
+    Above ``p = MEAN_POSITIVE_COVERAGE`` every patient bleeds and the runs grow instead. All
+    draws are made whatever the outcome, so the forced cases stay deterministic.
     """
     draws = rng.random(8)
-    bleeds = draws[0] < min(1.0, p / MEAN_POSITIVE_COVERAGE) or force_positive
-    if p <= 0.0 and not force_positive:
-        bleeds = False
+    bleeds = draws[0] < p / MEAN_POSITIVE_COVERAGE or force_positive
+    stretch = max(1.0, p / MEAN_POSITIVE_COVERAGE)
     runs: list[tuple[int, int]] = []
     if bleeds:
         for k in range(1 + int(draws[1] < 0.3)):
-            length = min(m, max(1, round(m * (0.06 + 0.24 * draws[2 + 2 * k]))))
+            frac = (0.06 + 0.24 * draws[2 + 2 * k]) * stretch
+            length = min(m, max(1, round(m * frac)))
             start = int(draws[3 + 2 * k] * (m - length + 1))
             runs.append((start, start + length - 1))
         if len(runs) == 2 and runs[1][0] <= runs[0][1] + 1 and runs[0][0] <= runs[1][1] + 1:
             runs = [(min(runs[0][0], runs[1][0]), max(runs[0][1], runs[1][1]))]  # one bleed
-    if force_negative and m > 1:
+    if force_negative and (m > 1 or not force_positive):
         covered = {z for a, b in runs for z in range(a, b + 1)}
         if len(covered) == m:  # free one end slice
             drop = 0 if draws[6] < 0.5 else m - 1
