@@ -2,6 +2,7 @@
 
 camseg-data check ROOT
 camseg-data synth --out DIR --flavor hemorrhage --patients 40 --slices-per-patient 16 --size 128 --seed 0
+camseg-data synth --out DIR --preset realistic-hemorrhage   (512 px head CT, 3 CT windows, ~12 % positive)
 camseg-data ct-ich SRC --out DST      (also: lidc, folder, lgg-mri; see --help of each)
 """
 
@@ -12,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from camseg.data.synthetic_presets import PRESETS
 from camseg.errors import CamsegError
 
 
@@ -54,10 +56,13 @@ def _check(args: argparse.Namespace) -> int:
 
 def _synth(args: argparse.Namespace) -> int:
     from camseg.data.synthetic import generate
+    from camseg.data.synthetic_presets import get_preset
 
+    # A preset renders one flavor; --flavor defaults to it, and naming another is an error.
+    flavor = args.flavor or (get_preset(args.preset).flavor if args.preset else "hemorrhage")
     out = generate(
         args.out,
-        flavor=args.flavor,
+        flavor=flavor,
         patients=args.patients,
         slices_per_patient=args.slices_per_patient,
         size=args.size,
@@ -65,8 +70,9 @@ def _synth(args: argparse.Namespace) -> int:
         shortcut_marker_prob=args.shortcut_marker_prob,
         lesion_prob=args.lesion_prob,
         overwrite=args.overwrite,
+        preset=args.preset,
     )
-    print(f"synthetic {args.flavor} dataset written to {out}")
+    print(f"synthetic {args.preset or flavor} dataset written to {out}")
     return 0
 
 
@@ -95,10 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
         "synth", help="generate the synthetic CT dataset (deterministic from --seed)"
     )
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--flavor", choices=("hemorrhage", "nodule"), default="hemorrhage")
-    p.add_argument("--patients", type=int, default=40)
-    p.add_argument("--slices-per-patient", type=int, default=16)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="realistic-hemorrhage: HU head CT as 3 CT windows (RGB), 512 px, 24 slices, "
+        "~12%% positive slices, lesions 0.1-3%% of the slice; explicit flags override it",
+    )
+    p.add_argument("--flavor", choices=("hemorrhage", "nodule"), default=None)
+    # None: the preset's value, or the plain generator's default (40, 16, 128, 0.5).
+    p.add_argument("--patients", type=int, default=None, help="default 40")
+    p.add_argument("--slices-per-patient", type=int, default=None, help="default 16 (preset: 24)")
+    p.add_argument("--size", type=int, default=None, help="default 128 (preset: 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--shortcut-marker-prob",
@@ -107,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="label-correlated corner marker (a shortcut for CAMs to expose)",
     )
     p.add_argument(
-        "--lesion-prob", type=float, default=0.5, help="fraction of slices with a lesion"
+        "--lesion-prob",
+        type=float,
+        default=None,
+        help="fraction of slices with a lesion (default 0.5; preset: 0.12)",
     )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_synth)

@@ -15,8 +15,13 @@ meaningful. Two flavors:
   (distractors in every class); round-ish, slightly lobulated nodules (solid or ground-glass)
   inside the lung fields as lesions.
 
+Presets (``generate(preset=...)``, :mod:`camseg.data.synthetic_presets`) render other data
+through the same writer: ``realistic-hemorrhage`` is head CT in Hounsfield units written as
+three CT windows (RGB), with few positive slices and small lesions, shaped like real data.
+
 The image-level label is exactly "the mask is not empty": every positive slice has at least
-``min_lesion_area(size)`` lesion pixels and every negative mask is all zero.
+``min_lesion_area(size)`` lesion pixels (a preset keeps its own small sizes instead, one pixel
+at least) and every negative mask is all zero.
 
 Randomness: patient ``i`` draws from ``SeedSequence(seed, spawn_key=(i,))``, split into
 independent streams for labels, anatomy, lesions and the shortcut marker. A patient's slices
@@ -41,6 +46,16 @@ from tqdm import tqdm
 
 from camseg import __version__
 from camseg.data.folder import LABELS_CSV
+from camseg.data.synthetic_presets import LesionRecord, get_preset, render_realistic_volume
+from camseg.data.synthetic_shapes import (
+    Grid,
+    Texture,
+    blend_spot,
+    ellipse_rho,
+    slice_positions,
+    smoothstep,
+    splat,
+)
 from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import png_bytes, remove_path
 
@@ -53,6 +68,8 @@ MEAN_CYCLE = 8.0
 # Progress bar only for runs at least this large (slices).
 PROGRESS_MIN_SLICES = 200
 AIR = 3.0
+# Presets only: one row per lesion and slice (image, kind, pixels).
+LESIONS_CSV = "lesions.csv"
 
 
 def min_lesion_area(size: int) -> int:
@@ -64,98 +81,6 @@ def marker_box(size: int) -> tuple[slice, slice]:
     """Rows and columns of the shortcut marker: a small square near the top-left corner."""
     side, off = max(3, round(size / 20)), max(1, size // 32)
     return slice(off, off + side), slice(off, off + side)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-class _Grid:
-    """Pixel centres in normalised coordinates: u (columns) and v (rows) in [-1, 1]."""
-
-    def __init__(self, size: int) -> None:
-        c = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
-        self.v, self.u = np.meshgrid(c, c, indexing="ij")
-        self.size = size
-        self.px = 2.0 / size  # one pixel in normalised units
-        self.k = size / 128.0  # pixel-sized parameters are tuned at 128 px
-
-    def local(self, cx: float, cy: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
-        """Coordinates in a frame centred at (cx, cy) and rotated by ``theta``."""
-        c, s = math.cos(theta), math.sin(theta)
-        du, dv = self.u - cx, self.v - cy
-        return c * du + s * dv, -s * du + c * dv
-
-    def to_pixels(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised (u, v) -> (row, column) pixel coordinates."""
-        return (v + 1.0) * self.size / 2.0 - 0.5, (u + 1.0) * self.size / 2.0 - 0.5
-
-
-class _Texture:
-    """Smooth unit-variance noise that drifts coherently from slice to slice.
-
-    Two independent fields mixed by cos/sin of the slice index keep unit variance at every
-    slice for the cost of two filters per patient instead of one per slice.
-    """
-
-    def __init__(self, rng: np.random.Generator, size: int, sigma_px: float, omega: float) -> None:
-        self.fields = [_smooth_noise(rng, size, sigma_px) for _ in range(2)]
-        self.omega, self.phase = omega, float(rng.uniform(0.0, 2.0 * math.pi))
-
-    def at(self, z: int) -> np.ndarray:
-        a = self.omega * z + self.phase
-        return math.cos(a) * self.fields[0] + math.sin(a) * self.fields[1]
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, sigma_px: float) -> np.ndarray:
-    n = ndimage.gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), sigma_px)
-    return n / max(float(n.std()), 1e-6)
-
-
-def _smoothstep(lo: float, hi: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _ellipse_rho(
-    x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, theta: float = 0.0
-) -> np.ndarray:
-    """Normalised elliptic radius (1 on the ellipse) in an already local frame."""
-    c, s = math.cos(theta), math.sin(theta)
-    dx, dy = x - cx, y - cy
-    return np.sqrt(((c * dx + s * dy) / a) ** 2 + ((-s * dx + c * dy) / b) ** 2)
-
-
-def _blob(img: np.ndarray, d2: np.ndarray, r: float, level: float) -> None:
-    """Blend a bright spot with a flat top (d2: squared distance in pixels) into ``img``."""
-    w = np.minimum(1.0, 1.4 * np.exp(-0.5 * d2 / (r * r)))
-    img += w * (level - img)
-
-
-def _splat(size: int, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Bilinear splat of weighted points onto a zero image."""
-    out = np.zeros((size + 1, size + 1), dtype=np.float32)
-    r0, c0 = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
-    keep = (r0 >= 0) & (c0 >= 0) & (r0 < size - 1) & (c0 < size - 1)
-    r0, c0, fr, fc, w = r0[keep], c0[keep], (rows - r0)[keep], (cols - c0)[keep], weights[keep]
-    for dr, dc, f in (
-        (0, 0, (1 - fr) * (1 - fc)),
-        (0, 1, (1 - fr) * fc),
-        (1, 0, fr * (1 - fc)),
-        (1, 1, fr * fc),
-    ):
-        np.add.at(out, (r0 + dr, c0 + dc), w * f)
-    return out[:size, :size]
-
-
-def _slice_positions(rng: np.random.Generator, m: int) -> np.ndarray:
-    """Position of each slice along the body axis, within about -0.95 (top) to 0.95 (bottom).
-
-    Long volumes cover most of the organ; short ones a shorter stretch of it, so neighbouring
-    slices stay alike whatever the slice count.
-    """
-    span = min(1.7, 0.15 * (m - 1))
-    start = rng.uniform(-0.95, 0.95 - span)
-    return np.linspace(start, start + span, m)
 
 
 def _lesion_labels(
@@ -238,7 +163,7 @@ class _Lesion:
 class _Head:
     """Axial head slices: scalp, skull, brain, sulcal CSF, ventricles, falx, calcifications."""
 
-    def __init__(self, rng: np.random.Generator, g: _Grid, m: int) -> None:
+    def __init__(self, rng: np.random.Generator, g: Grid, m: int) -> None:
         self.g = g
         cx, cy = (float(c) for c in rng.normal(0.0, 0.03, 2))
         self.x, self.y = g.local(cx, cy, float(rng.normal(0.0, 0.08)))
@@ -248,8 +173,8 @@ class _Head:
         self.brain, self.cortex = float(rng.uniform(96, 108)), float(rng.uniform(4, 9))
         self.csf, self.bone = float(rng.uniform(38, 55)), float(rng.uniform(228, 246))
         self.scalp_level = float(rng.uniform(78, 95))
-        self.t = _slice_positions(rng, m)
-        self.tex = _Texture(rng, g.size, 3.0 * g.k, omega=0.35)
+        self.t = slice_positions(rng, m)
+        self.tex = Texture(rng, g.size, 3.0 * g.k, omega=0.35)
         # Ventricles: lateral offset, size factor, tilt.
         self.vent = [float(v) for v in rng.uniform([0.1, 0.8, 0.2], [0.15, 1.2, 0.45])]
         self.falx = float(rng.uniform(20, 55)) if rng.random() < 0.75 else 0.0
@@ -286,8 +211,8 @@ class _Head:
         img = np.full(rho.shape, AIR, dtype=np.float32)
         img = np.where(dn < skull + self.scalp, self.scalp_level + 2.0 * tex, img)
         img = np.where(dn < skull, self.bone + 6.0 * tex, img)
-        brain = self.brain + self.cortex * _smoothstep(0.84, 0.95, rho) + 3.5 * tex
-        brain += (self.csf - brain) * 0.55 * _smoothstep(0.965, 0.995, rho)  # sulcal CSF rim
+        brain = self.brain + self.cortex * smoothstep(0.84, 0.95, rho) + 3.5 * tex
+        brain += (self.csf - brain) * 0.55 * smoothstep(0.965, 0.995, rho)  # sulcal CSF rim
         inside = rho < 1.0
         img = np.where(inside, brain, img).astype(np.float32)
         spread, vsize, vang = self.vent
@@ -296,22 +221,22 @@ class _Head:
         if v > 0.05:
             va, vb = 0.07 * a * vsize * math.sqrt(v), 0.32 * b * vsize * v
             for side in (-1.0, 1.0):
-                rv = _ellipse_rho(x, y, side * spread * a, -0.05 * b, va, vb, side * vang)
-                vent = np.maximum(vent, 1.0 - _smoothstep(0.8, 1.0, rv))
+                rv = ellipse_rho(x, y, side * spread * a, -0.05 * b, va, vb, side * vang)
+                vent = np.maximum(vent, 1.0 - smoothstep(0.8, 1.0, rv))
             img += vent * (self.csf + 2.0 * tex - img)
         if self.falx > 0 and abs(t) < 0.85:
             # Interhemispheric falx, interrupted around the ventricles (corpus callosum).
-            gap = v * (1.0 - _smoothstep(0.25 * b, 0.4 * b, np.abs(y)))
+            gap = v * (1.0 - smoothstep(0.25 * b, 0.4 * b, np.abs(y)))
             line = np.exp(-0.5 * (x / (0.7 * g.px)) ** 2) * (rho < 0.93) * (1.0 - gap)
             img += self.falx * line
         for lx, ly, zc, ext, r, level in self.calcs:
             if abs(z - zc) <= ext:
                 d2 = ((x - lx * a) ** 2 + (y - ly * b) ** 2) / g.px**2
-                _blob(img, d2, r, level)
+                blend_spot(img, d2, r, level)
         angle = np.arctan2(y / b, x / a)
         return _Slice(img, inside, self.brain, rho=rho, angle=angle)
 
-    def lesion(self, rng: np.random.Generator, z0: int, z1: int, edge: _Texture) -> _Lesion:
+    def lesion(self, rng: np.random.Generator, z0: int, z1: int, edge: Texture) -> _Lesion:
         delta, hetero = float(rng.uniform(45, 80)), float(rng.uniform(2, 5))
         shape = (
             self._blob_shape(rng, z0, z1, edge)
@@ -320,7 +245,7 @@ class _Head:
         )
         return _Lesion(z0, z1, shape, delta, hetero, 0.5)
 
-    def _blob_shape(self, rng: np.random.Generator, z0: int, z1: int, edge: _Texture) -> _Shape:
+    def _blob_shape(self, rng: np.random.Generator, z0: int, z1: int, edge: Texture) -> _Shape:
         """Intraparenchymal: a union of 1-3 ellipses with a noisy boundary."""
         r0, phi = math.sqrt(rng.uniform()) * 0.68, rng.uniform(0, 2 * math.pi)
         lx, ly = r0 * math.cos(phi), r0 * math.sin(phi)
@@ -338,13 +263,13 @@ class _Head:
             cy = ly * self.b * sc + drift[1] * (z - zc)
             d = np.full(self.x.shape, np.inf, dtype=np.float32)
             for (ox, oy), (ax, ay), ang in zip(offs, axes, angs):
-                rho = _ellipse_rho(self.x, self.y, cx + ox * s, cy + oy * s, ax * s, ay * s, ang)
+                rho = ellipse_rho(self.x, self.y, cx + ox * s, cy + oy * s, ax * s, ay * s, ang)
                 d = np.minimum(d, rho)
             return d + bamp * edge.at(z) < 1.0
 
         return shape
 
-    def _crescent_shape(self, rng: np.random.Generator, edge: _Texture) -> _Shape:
+    def _crescent_shape(self, rng: np.random.Generator, edge: Texture) -> _Shape:
         """Subdural-like: a crescent along the inner table, thickest in its middle."""
         theta0, width = rng.uniform(-math.pi, math.pi), float(rng.uniform(0.4, 0.9))
         thick, bamp = float(rng.uniform(0.1, 0.22)), float(rng.uniform(0.05, 0.2))
@@ -362,7 +287,7 @@ class _Head:
 class _Chest:
     """Axial chest slices: fat, soft tissue, lungs with vessels, heart, spine, ribs, sternum."""
 
-    def __init__(self, rng: np.random.Generator, g: _Grid, m: int) -> None:
+    def __init__(self, rng: np.random.Generator, g: Grid, m: int) -> None:
         self.g, self.m = g, m
         self.cx, self.cy = float(rng.normal(0.0, 0.02)), float(rng.normal(0.03, 0.02))
         self.theta = float(rng.normal(0.0, 0.03))
@@ -372,8 +297,8 @@ class _Chest:
         self.fat_t = float(rng.uniform(0.05, 0.1))
         self.soft, self.fat = float(rng.uniform(125, 140)), float(rng.uniform(88, 102))
         self.lung, self.bone = float(rng.uniform(22, 34)), float(rng.uniform(225, 245))
-        self.t = _slice_positions(rng, m)
-        self.tex = _Texture(rng, g.size, 2.5 * g.k, omega=0.35)
+        self.t = slice_positions(rng, m)
+        self.tex = Texture(rng, g.size, 2.5 * g.k, omega=0.35)
         # Lungs: centre (x, y), semi-axes (x, y), tilt; in body units.
         self.lungs = [
             [
@@ -457,7 +382,7 @@ class _Chest:
         for s in np.unique(sig_a):
             sel = sig_a == s
             out += ndimage.gaussian_filter(
-                _splat(g.size, rows_a[sel], cols_a[sel], w_a[sel]), s * g.k
+                splat(g.size, rows_a[sel], cols_a[sel], w_a[sel]), s * g.k
             )
         return out
 
@@ -474,29 +399,29 @@ class _Chest:
         rib_r = 0.92 - self.fat_t
         for phi in self.ribs + 0.02 * z:
             rx, ry = rib_r * A * bs * math.cos(phi), rib_r * B * bs * math.sin(phi)
-            rr = _ellipse_rho(x, y, rx, ry, 0.035 * A, 0.02 * A, phi + math.pi / 2)
+            rr = ellipse_rho(x, y, rx, ry, 0.035 * A, 0.02 * A, phi + math.pi / 2)
             img += (rr < 1.0) * (self.bone - 25.0 - img)
         spine_y = 0.66 * B * bs
-        d_spine = _ellipse_rho(x, y, 0.0, spine_y, 0.11 * B, 0.1 * B)
+        d_spine = ellipse_rho(x, y, 0.0, spine_y, 0.11 * B, 0.1 * B)
         img = np.where(d_spine < 1.0, self.bone - 50.0 + 5.0 * tex, img)
         img = np.where((d_spine < 1.0) & (d_spine > 0.75), self.bone, img)
-        canal = _ellipse_rho(x, y, 0.0, spine_y + 0.17 * B, 0.05 * B, 0.05 * B)
+        canal = ellipse_rho(x, y, 0.0, spine_y + 0.17 * B, 0.05 * B, 0.05 * B)
         img = np.where(canal < 1.0, 70.0, img)
         if t > -0.6:
-            stern = _ellipse_rho(x, y, 0.0, -(0.9 - self.fat_t) * B * bs, 0.07 * A, 0.035 * A)
+            stern = ellipse_rho(x, y, 0.0, -(0.9 - self.fat_t) * B * bs, 0.07 * A, 0.035 * A)
             img = np.where(stern < 1.0, self.bone - 35.0, img)
-        aorta = _ellipse_rho(x, y, 0.14 * A, 0.45 * B, 0.065 * A, 0.065 * A)
+        aorta = ellipse_rho(x, y, 0.14 * A, 0.45 * B, 0.065 * A, 0.065 * A)
         img = np.where(aorta < 1.0, self.soft + 8.0, img)
         ls = self._lung_scale(z)
         lungs = np.zeros(rho.shape, dtype=bool)
         for lcx, lcy, la, lb, tilt in self.lungs:
-            rl = _ellipse_rho(x, y, lcx * A, lcy * B, la * A * ls, lb * B * ls, tilt)
+            rl = ellipse_rho(x, y, lcx * A, lcy * B, la * A * ls, lb * B * ls, tilt)
             lungs |= rl + 0.03 * tex < 1.0
         h = float(np.clip(t / 0.6, 0.0, 1.0))
         if h > 0:
             hx, hy, ha, hb = self.heart
             hs = 0.5 + 0.5 * h
-            rh = _ellipse_rho(x, y, hx * A, hy * B, ha * A * hs, hb * B * hs)
+            rh = ellipse_rho(x, y, hx * A, hy * B, ha * A * hs, hb * B * hs)
             lungs &= rh > 1.08
             img = np.where(rh < 1.0, self.soft + 6.0 + 2.0 * tex, img)
         img = np.where(lungs, self.lung + 3.0 * tex, img).astype(np.float32)
@@ -504,7 +429,7 @@ class _Chest:
         img += self._vessel_image(z) * soft_lungs
         return _Slice(img, lungs, self.lung)
 
-    def lesion(self, rng: np.random.Generator, z0: int, z1: int, edge: _Texture) -> _Lesion:
+    def lesion(self, rng: np.random.Generator, z0: int, z1: int, edge: Texture) -> _Lesion:
         """A round-ish, slightly lobulated nodule inside one lung; solid or ground-glass."""
         lung = int(rng.integers(0, 2))
         r0, phi = math.sqrt(rng.uniform()) * 0.6, rng.uniform(0, 2 * math.pi)
@@ -583,13 +508,13 @@ def render_volume(
     else:
         streams = [np.random.default_rng(s) for s in rng.integers(0, 2**63, 3)]
     label_rng, anat_rng, lesion_rng = streams
-    g = _Grid(size)
+    g = Grid(size)
     labels = _lesion_labels(label_rng, slices, lesion_prob, force_positive, force_negative)
     anatomy = _ANATOMY[flavor](anat_rng, g, slices)
     gain, offset = float(anat_rng.uniform(0.94, 1.06)), float(anat_rng.uniform(-6, 6))
     q = float(anat_rng.uniform(3.0, 5.5))
-    edge = _Texture(lesion_rng, size, 2.0 * g.k, omega=0.5)
-    inner = _Texture(lesion_rng, size, 1.5 * g.k, omega=0.5)
+    edge = Texture(lesion_rng, size, 2.0 * g.k, omega=0.5)
+    inner = Texture(lesion_rng, size, 1.5 * g.k, omega=0.5)
     lesions = []
     for z0, z1 in _runs(labels):
         lesions.append(anatomy.lesion(lesion_rng, z0, z1, edge))
@@ -632,11 +557,17 @@ class _Spec:
     seed: int
     shortcut_marker_prob: float
     lesion_prob: float
+    preset: str | None = None
 
     def check(self) -> None:
         if self.flavor not in FLAVORS:
             raise ConfigError(
                 f"synthetic: flavor '{self.flavor}' is unknown; use one of {list(FLAVORS)}"
+            )
+        if self.preset is not None and self.flavor != get_preset(self.preset).flavor:
+            raise ConfigError(
+                f"synthetic: preset '{self.preset}' renders flavor "
+                f"'{get_preset(self.preset).flavor}', not '{self.flavor}'; drop the flavor"
             )
         lows = {"patients": 1, "slices_per_patient": 1, "size": MIN_SIZE, "seed": 0}
         for name, low in lows.items():
@@ -661,9 +592,18 @@ _WHAT = {
 
 def _readme(spec: _Spec, n_pos: int, n_marked: tuple[int, int]) -> str:
     total = spec.patients * spec.slices_per_patient
-    # Strings in double quotes, as ruff writes Python.
+    # Strings in double quotes, as ruff writes Python; no preset: the README of before presets.
+    fields = {k: v for k, v in asdict(spec).items() if not (k == "preset" and v is None)}
     args = ",\n    ".join(
-        f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in asdict(spec).items()
+        f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in fields.items()
+    )
+    what = get_preset(spec.preset).description if spec.preset else _WHAT[spec.flavor]
+    title = spec.preset or spec.flavor
+    pixels = "RGB (3 CT windows)" if spec.preset else "grayscale"
+    side = (
+        "\n`lesions.csv` lists each lesion on each slice: `image,kind,pixels`."
+        if spec.preset
+        else ""
     )
     marker = (
         f"A bright square near the top-left corner (a label-correlated shortcut, see the "
@@ -672,9 +612,9 @@ def _readme(spec: _Spec, n_pos: int, n_marked: tuple[int, int]) -> str:
         if spec.shortcut_marker_prob > 0
         else "No shortcut marker."
     )
-    return f"""# Synthetic camseg dataset: {spec.flavor}
+    return f"""# Synthetic camseg dataset: {title}
 
-Not patient data: {_WHAT[spec.flavor]}
+Not patient data: {what}
 
 Generated by `camseg.data.synthetic` (camseg {__version__}); re-create it byte for byte with:
 
@@ -692,7 +632,7 @@ generate(
 | seed | {spec.seed} |
 | patients | {spec.patients} (groups `P000`, `P001`, ...) |
 | slices per patient | {spec.slices_per_patient} |
-| image size | {spec.size} x {spec.size}, 8-bit grayscale |
+| image size | {spec.size} x {spec.size}, 8-bit {pixels} |
 | slices | {total} ({n_pos} positive, {total - n_pos} negative) |
 | lesion_prob | {spec.lesion_prob} |
 | shortcut_marker_prob | {spec.shortcut_marker_prob} |
@@ -702,20 +642,21 @@ generate(
 Layout: `labels.csv` with columns `image,mask,group,slice,{spec.flavor}`;
 `images/<patient>_<slice>.png` and `masks/<patient>_<slice>.png` (0 background, 1 lesion).
 A slice is labelled 1 exactly when its mask is not empty. The slices of one patient form one
-coherent volume: a lesion spans consecutive slices.
+coherent volume: a lesion spans consecutive slices.{side}
 """
 
 
 def generate(
     out: str | Path,
     flavor: str = "hemorrhage",
-    patients: int = 40,
-    slices_per_patient: int = 16,
-    size: int = 128,
+    patients: int | None = None,
+    slices_per_patient: int | None = None,
+    size: int | None = None,
     seed: int = 0,
     shortcut_marker_prob: float = 0.0,
-    lesion_prob: float = 0.5,
+    lesion_prob: float | None = None,
     overwrite: bool = False,
+    preset: str | None = None,
 ) -> Path:
     """Write a synthetic dataset in the camseg folder format and return its root.
 
@@ -727,9 +668,10 @@ def generate(
     Args:
         out: dataset root to create.
         flavor: ``"hemorrhage"`` (head CT) or ``"nodule"`` (chest CT); also the class column.
-        patients: number of patients (groups ``P000``, ``P001``, ...).
-        slices_per_patient: slices per patient volume.
-        size: image height and width in pixels (>= 32).
+        patients: number of patients (groups ``P000``, ``P001``, ...); default 40 (or the
+            preset's).
+        slices_per_patient: slices per patient volume; default 16 (or the preset's).
+        size: image height and width in pixels (>= 32); default 128 (or the preset's).
         seed: non-negative integer; the same arguments give byte-identical files.
         shortcut_marker_prob: probability p of drawing a bright square marker near the
             top-left corner on a positive slice (p / 5 on a negative one). It imitates the
@@ -737,15 +679,30 @@ def generate(
             chest X-ray classifiers relying on: with p > 0 a classifier can score well while
             its CAMs point at the corner instead of the lesion. Masks never include it, and the
             rest of every image is the same as with p = 0.
-        lesion_prob: expected fraction of slices that show a lesion.
+        lesion_prob: expected fraction of slices that show a lesion; default 0.5 (or the
+            preset's).
         overwrite: replace an existing non-empty ``out`` (only after the new one is complete).
+        preset: ``None`` or a name from :data:`camseg.data.synthetic_presets.PRESETS`
+            (``"realistic-hemorrhage"``: HU head CT as three CT windows in RGB, about 12 %
+            positive slices with lesions of 0.1-3 % of the slice); it renders the slices
+            and sets the defaults above, which explicit arguments override.
 
     Raises:
         ConfigError: an argument out of range.
         DatasetError: ``out`` exists and is not empty, and ``overwrite`` is False.
     """
+    base = get_preset(preset) if preset is not None else None
     spec = _Spec(
-        flavor, patients, slices_per_patient, size, seed, shortcut_marker_prob, lesion_prob
+        flavor,
+        patients if patients is not None else (base.patients if base else 40),
+        slices_per_patient
+        if slices_per_patient is not None
+        else (base.slices_per_patient if base else 16),
+        size if size is not None else (base.size if base else 128),
+        seed,
+        shortcut_marker_prob,
+        lesion_prob if lesion_prob is not None else (base.lesion_prob if base else 0.5),
+        preset,
     )
     spec.check()
     out = Path(out)
@@ -777,6 +734,9 @@ def _write_dataset(root: Path, spec: _Spec) -> tuple[int, tuple[int, int]]:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["image", "mask", "group", "slice", spec.flavor])
+    side = io.StringIO()
+    side_writer = csv.writer(side, lineterminator="\n")
+    side_writer.writerow(["image", "kind", "pixels"])
     n_pos, marked_pos, marked_neg = 0, 0, 0
     quiet = spec.patients * m < PROGRESS_MIN_SLICES
     # disable=None: tqdm shows the bar only on a terminal.
@@ -788,10 +748,18 @@ def _write_dataset(root: Path, spec: _Spec) -> tuple[int, tuple[int, int]]:
     ):
         pid = f"P{i:0{width}d}"
         volume_ss, marker_ss = np.random.SeedSequence(spec.seed, spawn_key=(i,)).spawn(2)
-        images, masks = render_volume(
-            volume_ss, spec.flavor, m, spec.size, spec.lesion_prob,
-            force_positive=i == 0, force_negative=i == 1 or spec.patients == 1,
-        )  # fmt: skip
+        force = {"force_positive": i == 0, "force_negative": i == 1 or spec.patients == 1}
+        records: list[LesionRecord] = []
+        if spec.preset is None:
+            images, masks = render_volume(
+                volume_ss, spec.flavor, m, spec.size, spec.lesion_prob, **force
+            )
+        else:
+            images, masks, records = render_realistic_volume(
+                volume_ss, m, spec.size, spec.lesion_prob, **force
+            )
+        for r in records:
+            side_writer.writerow([f"images/{pid}_{r.slice:03d}.png", r.kind, r.pixels])
         marker_draws = np.random.default_rng(marker_ss).random(m)
         for z in range(m):
             positive = bool(masks[z].any())
@@ -805,6 +773,8 @@ def _write_dataset(root: Path, spec: _Spec) -> tuple[int, tuple[int, int]]:
             writer.writerow([f"images/{name}", f"masks/{name}", pid, z, int(positive)])
             n_pos += positive
     (root / LABELS_CSV).write_text(buf.getvalue(), encoding="utf-8")
+    if spec.preset is not None:
+        (root / LESIONS_CSV).write_text(side.getvalue(), encoding="utf-8")
     return n_pos, (marked_pos, marked_neg)
 
 
