@@ -18,7 +18,7 @@ import camseg.utils.large as large
 from camseg.cam import PseudoMaskPolicy
 from camseg.predict import run
 from camseg.pseudo.predict import CamPredictModule, PseudoLabelWriter, SampleInfo
-from camseg.seg.module import build_segmentation_net
+from segmenter_ckpt import write_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -91,31 +91,7 @@ def test_stage2_large_image_warns_once_and_masks_come_back_full_size(
 def test_camseg_predict_large_image_warns_and_keeps_its_size(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    net_cfg = {
-        "arch": "FPN",
-        "encoder_name": "resnet18",
-        "encoder_weights": None,
-        "in_channels": 1,
-        "num_classes": 1,
-    }
-    net = build_segmentation_net(**net_cfg)
-    torch.save(
-        {
-            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-            "hyper_parameters": {
-                "net_config": net_cfg,
-                "data_config": {
-                    "image_size": 32,
-                    "in_channels": 1,
-                    "context_slices": 0,
-                    "mean": [0.5],
-                    "std": [0.25],
-                },
-                "class_names": ["lesion"],
-            },
-        },
-        tmp_path / "seg.ckpt",
-    )
+    write_checkpoint(tmp_path / "seg.ckpt")
     src = tmp_path / "in"
     src.mkdir()
     rng = np.random.default_rng(0)

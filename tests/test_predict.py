@@ -12,36 +12,7 @@ from PIL import Image
 
 from camseg.errors import CamsegError
 from camseg.predict import Segmenter, parse_args, run
-from camseg.seg.module import build_segmentation_net
-
-
-def write_checkpoint(path: Path, in_channels: int = 1, context_slices: int = 0) -> Path:
-    net_cfg = {
-        "arch": "FPN",
-        "encoder_name": "resnet18",
-        "encoder_weights": None,
-        "in_channels": in_channels,
-        "num_classes": 1,
-    }
-    net = build_segmentation_net(**net_cfg)
-    torch.save(
-        {
-            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-            "hyper_parameters": {
-                "net_config": net_cfg,
-                "data_config": {
-                    "image_size": 32,
-                    "in_channels": in_channels,
-                    "context_slices": context_slices,
-                    "mean": [0.5],
-                    "std": [0.25],
-                },
-                "class_names": ["lesion"],
-            },
-        },
-        path,
-    )
-    return path
+from segmenter_ckpt import write_checkpoint
 
 
 def threshold_model(monkeypatch: pytest.MonkeyPatch) -> None:

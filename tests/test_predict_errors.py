@@ -13,39 +13,13 @@ from PIL import Image
 
 import camseg.predict as predict
 from camseg.predict import main
-from camseg.seg.module import build_segmentation_net
+from segmenter_ckpt import write_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny stage-3 checkpoint (untrained FPN/resnet18 at 32 px, one class)."""
-    path = tmp_path_factory.mktemp("ckpt") / "seg.ckpt"
-    net_cfg = {
-        "arch": "FPN",
-        "encoder_name": "resnet18",
-        "encoder_weights": None,
-        "in_channels": 1,
-        "num_classes": 1,
-    }
-    net = build_segmentation_net(**net_cfg)
-    torch.save(
-        {
-            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-            "hyper_parameters": {
-                "net_config": net_cfg,
-                "data_config": {
-                    "image_size": 32,
-                    "in_channels": 1,
-                    "context_slices": 0,
-                    "mean": [0.5],
-                    "std": [0.25],
-                },
-                "class_names": ["lesion"],
-            },
-        },
-        path,
-    )
-    return path
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "seg.ckpt")
 
 
 def call(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
