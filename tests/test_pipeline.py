@@ -151,6 +151,31 @@ def test_report_contains_the_metrics_it_claims(full_run: Path) -> None:
         assert re.search(rf"^\| {stage} \| done \|", report, re.M)
 
 
+def test_case_report_agrees_with_the_stage_metrics_and_lists_every_test_image(
+    full_run: Path,
+) -> None:
+    from test_cases import _html_case_rows
+
+    run = full_run / "runs" / "t"
+    seg_m = json.loads((run / "seg/metrics.json").read_text())
+    cases = json.loads((run / "seg/cases.json").read_text())
+    predictions = sorted((run / "seg/predictions").glob("*.png"))
+    assert cases["num_images"] == len(predictions) == seg_m["test"]["test/num_images"]
+    # Counts summed over the case rows give the stage's own dataset-level test Dice.
+    tp = sum(im["classes"][0]["tp"] for im in cases["images"])
+    fp = sum(im["classes"][0]["fp"] for im in cases["images"])
+    fn = sum(im["classes"][0]["fn"] for im in cases["images"])
+    dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    assert dice == pytest.approx(seg_m["test"]["test/dice"], abs=1e-6)
+    assert {r["patient"] for r in cases["patients"]} == {im["patient"] for im in cases["images"]}
+    page = (run / "report.html").read_text()
+    assert len(_html_case_rows(page)) == len(predictions)
+    report = (run / "report.md").read_text()
+    assert "Per patient, worst Dice first" in report and "report.html" in report
+    # debug=fast says its numbers are meaningless, at the top of the page.
+    assert report.splitlines()[2].startswith("**Smoke test (`debug=fast`)")
+
+
 def test_pseudo_resume_gives_the_same_manifest(full_run: Path, tmp_path: Path) -> None:
     root = copy_run(full_run, tmp_path / "r")
     pseudo = root / "runs" / "t" / "pseudo"

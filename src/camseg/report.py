@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,16 @@ from omegaconf import DictConfig
 from camseg import fingerprint
 from camseg.errors import CamsegError
 from camseg.pseudo.coverage import coverage_problem, empty_classes
+from camseg.report_cases import case_lines
 from camseg.rundir import RunDir
 from camseg.utils.io import read_json, sha256_file, write_text_atomic
+
+log = logging.getLogger("camseg")
+SMOKE_BANNER = (
+    "**Smoke test (`debug=fast`): a tiny dataset, one epoch per stage. The numbers below only "
+    "show that the pipeline runs; they say nothing about any method (an AUROC of NaN or 0.0 "
+    "here is expected).**"
+)
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -100,6 +109,9 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
     manifest = _load(run.manifest)
     seg_m = _load(run.seg / "metrics.json")
     lines = [f"# camseg report: `{run.name}`", ""]
+    if cfg.get("smoke_test"):
+        lines += [SMOKE_BANNER, ""]
+        log.warning(SMOKE_BANNER.replace("**", ""))
     lines += ["| stage | status | wall time (s) |", "|---|---|---|"]
     stale = _stale(run, manifest is not None, seg_m is not None)
     for stage, done in (("cls", cls_m), ("pseudo", manifest), ("seg", seg_m)):
@@ -113,7 +125,9 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
         lines += [
             "## Stage 1: classifier",
             "",
-            f"Best checkpoint by `{cls_m['monitor']}` after {cls_m['epochs']} epochs; patients per split: {cls_m['patients']}.",
+            f"Best checkpoint by `{cls_m['monitor']}` after {cls_m['epochs']} epochs; patients per split: {cls_m['patients']}. "
+            "F1 and accuracy are taken at the operating threshold: probability 0.5 per class "
+            "(multi-label, binary) or the highest-scoring class (multi-class); AUROC and AP over all thresholds.",
             "",
         ]
         lines += ["| metric | val | test |", "|---|---|---|"]
@@ -201,6 +215,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
                     f"| segmenter on the same training images | {_fmt(seg_m['train_pseudo_vs_seg'].get('dice'))} |"
                 )
             lines.append(f"| segmenter (test patients) | {_fmt(test.get('test/dice'))} |")
+        lines += case_lines(run, manifest)
         if (run.seg / "figure_grid.png").is_file():
             lines += [
                 "",
