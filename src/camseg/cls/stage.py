@@ -18,7 +18,14 @@ from camseg.cls.module import ClassifierModule
 from camseg.data.datamodule import CamSegDataModule
 from camseg.errors import CamsegError, ConfigError, DatasetError
 from camseg.rundir import RunDir
-from camseg.stage_common import build_datamodule, fit_and_evaluate, plan_resume
+from camseg.stage_common import (
+    Evaluation,
+    ResumePlan,
+    best_checkpoint,
+    build_datamodule,
+    fit_and_evaluate,
+    plan_resume,
+)
 from camseg.training import build_trainer, check_monitor, save_config
 from camseg.utils.io import write_json_atomic
 
@@ -107,23 +114,15 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     ncfg = net_config(cfg, dm)
     fp = fingerprint.compute("cls", cfg, {fingerprint.LABELS: fingerprint.labels_digest(dm.root)})
     if plan.complete:
-        done = run.cls_best if run.cls_best.is_file() else run.cls_last
+        done = best_checkpoint(out)
         if done.is_file():  # the finished run must be the one this config describes
             check_compatible(
                 done, dm.classes, ncfg, fix="force=true retrains the classifier from scratch"
             )
         return plan.reuse(fp)
-    ckpt_path = plan.requested
-    interrupted = plan.interrupted() if ckpt_path is None else None
-    if interrupted is not None:
-        plan.check_interrupted(fp)
-        log.info("stage cls: resuming the interrupted run from %s", interrupted)
-        ckpt_path = interrupted
+    ckpt_path = _resume_from(plan, fp, dm, ncfg)
     if not multilabel:
         check_multiclass_labels(dm)
-    if ckpt_path is not None:  # read safely and checked before Lightning touches it
-        label, fix = resume_context(ckpt_path, plan.requested is not None, "cls")
-        check_resumable(check_compatible(Path(ckpt_path), dm.classes, ncfg, label, fix), label)
     module = _module(cfg, dm, ncfg, multilabel)
     monitor = str(cfg.model.monitor)
     # Only validation metrics exist when checkpoints and early stopping decide.
@@ -141,8 +140,25 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         resume=ckpt_path is not None,
     )
     ev = fit_and_evaluate(trainer, module, dm, out, ckpt_path)
-    # Only numbers that a rerun with the same seed reproduces (wall time is in timings.json).
-    metrics: dict[str, Any] = {
+    metrics = _metrics(dm, multilabel, monitor, ev)
+    if trainer.is_global_zero:
+        write_json_atomic(plan.metrics_path, metrics)
+        fingerprint.write(out, replace(fp, finished=True))
+    log.info(
+        "stage cls: val/auroc=%.4f test/auroc=%.4f -> %s",
+        metrics["val"].get("val/auroc", float("nan")),
+        metrics["test"].get("test/auroc", float("nan")),
+        out,
+    )
+    return metrics
+
+
+def _metrics(
+    dm: CamSegDataModule, multilabel: bool, monitor: str, ev: Evaluation
+) -> dict[str, Any]:
+    """``metrics.json``: only numbers that a rerun with the same seed reproduces (wall time
+    is in timings.json)."""
+    return {
         "stage": "cls",
         "classes": dm.classes,
         "multilabel": multilabel,
@@ -155,16 +171,23 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         "patients": {k: len({s.group for s in v}) for k, v in dm.splits.items()},
         "samples": {k: len(v) for k, v in dm.splits.items()},
     }
-    if trainer.is_global_zero:
-        write_json_atomic(plan.metrics_path, metrics)
-        fingerprint.write(out, replace(fp, finished=True))
-    log.info(
-        "stage cls: val/auroc=%.4f test/auroc=%.4f -> %s",
-        metrics["val"].get("val/auroc", float("nan")),
-        metrics["test"].get("test/auroc", float("nan")),
-        out,
-    )
-    return metrics
+
+
+def _resume_from(
+    plan: ResumePlan, fp: fingerprint.Fingerprint, dm: CamSegDataModule, ncfg: dict[str, Any]
+) -> str | None:
+    """The checkpoint training continues from (``ckpt_path``, else an interrupted run's
+    ``last.ckpt``), read safely and checked against this config; None to start fresh."""
+    ckpt_path = plan.requested
+    interrupted = plan.interrupted() if ckpt_path is None else None
+    if interrupted is not None:
+        plan.check_interrupted(fp)
+        log.info("stage cls: resuming the interrupted run from %s", interrupted)
+        ckpt_path = interrupted
+    if ckpt_path is not None:  # read safely and checked before Lightning touches it
+        label, fix = resume_context(ckpt_path, plan.requested is not None, "cls")
+        check_resumable(check_compatible(Path(ckpt_path), dm.classes, ncfg, label, fix), label)
+    return ckpt_path
 
 
 def _module(
