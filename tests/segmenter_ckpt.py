@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from camseg.seg.module import build_segmentation_net
+from camseg.models.segmenter import build_segmentation_net
 
 
 def write_checkpoint(path: Path, in_channels: int = 1, context_slices: int = 0) -> Path:

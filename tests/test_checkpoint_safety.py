@@ -35,9 +35,9 @@ from camseg.checkpoints import CheckpointError, load_checkpoint
 from camseg.cls.checkpoint import check_compatible, load_classifier
 from camseg.errors import CamsegError
 from camseg.models.classifier import CamClassifier
+from camseg.models.segmenter import build_segmentation_net
 from camseg.pipeline import run_pipeline
 from camseg.predict import Segmenter
-from camseg.seg.module import build_segmentation_net
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32

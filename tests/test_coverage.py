@@ -28,7 +28,7 @@ from camseg.pseudo.coverage import (
     coverage_stats,
     distribution,
 )
-from camseg.pseudo.predict import _class_fractions
+from camseg.pseudo.writer import _class_fractions
 from camseg.seg.metrics import output_warnings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from PIL import Image
 import camseg.utils.large as large
 from camseg.cam import PseudoMaskPolicy
 from camseg.predict import run
-from camseg.pseudo.predict import CamPredictModule, PseudoLabelWriter, SampleInfo
+from camseg.pseudo.writer import CamPredictModule, PseudoLabelWriter, SampleInfo
 from segmenter_ckpt import write_checkpoint
 
 

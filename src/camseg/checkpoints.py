@@ -4,7 +4,11 @@ A checkpoint is read with ``torch.load(weights_only=True)`` and no fallback, so 
 that names a function (``os.system``, ``pathlib.Path.touch``) is refused before anything
 in it runs. A network is rebuilt from camseg's own whitelist (``CamClassifier`` with
 typed keyword arguments, or an smp architecture by name), never from a ``_target_`` read
-from the file. Every refusal is one :class:`CheckpointError` line naming the file.
+from the file: the arguments are checked here (:func:`classifier_kwargs`,
+:func:`segmenter_kwargs`), the networks built by ``camseg.models.classifier.build_classifier``
+and ``camseg.models.segmenter.build_segmenter`` (this module sits below the models, which
+read their local weight files through it). Every refusal is one :class:`CheckpointError`
+line naming the file.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from camseg.constants import ENCODER_SOURCES as SOURCES
+from camseg.constants import OUTPUT_STRIDES
 from camseg.errors import CamsegError
 
 CLASSIFIER = "classifier"
@@ -185,8 +191,6 @@ def _unknown(cfg: Mapping[str, Any], allowed: tuple[str, ...], label: str) -> No
 def classifier_kwargs(net_config: Mapping[str, Any], label: str) -> dict[str, Any]:
     """Validated ``CamClassifier`` arguments from a stored ``net_config`` (weights not loaded:
     ``pretrained=False``, the checkpoint holds them)."""
-    from camseg.models.classifier import OUTPUT_STRIDES, SOURCES
-
     allowed = (
         "_target_",
         "num_classes",
@@ -227,17 +231,6 @@ def classifier_kwargs(net_config: Mapping[str, Any], label: str) -> dict[str, An
         "pretrained": False,
         "dropout": float(dropout),
     }
-
-
-def build_classifier(net_config: Mapping[str, Any], label: str) -> nn.Module:
-    """A ``CamClassifier`` from a checkpoint's ``net_config``, through the whitelist."""
-    from camseg.models.classifier import CamClassifier
-
-    kwargs = classifier_kwargs(net_config, label)
-    try:
-        return CamClassifier(**kwargs)
-    except CamsegError as e:
-        raise CheckpointError(f"{label}: its network cannot be rebuilt ({e})") from None
 
 
 def _plain(value: Any) -> bool:
@@ -282,17 +275,6 @@ def segmenter_kwargs(net_config: Mapping[str, Any], label: str) -> dict[str, Any
         "num_classes": _int(net_config, "num_classes", label),
         "model_kwargs": dict(model_kwargs),
     }
-
-
-def build_segmenter(net_config: Mapping[str, Any], label: str) -> nn.Module:
-    """An smp network from a checkpoint's ``net_config``, through the whitelist."""
-    from camseg.seg.module import build_segmentation_net
-
-    kwargs = segmenter_kwargs(net_config, label)
-    try:
-        return build_segmentation_net(**kwargs)
-    except CamsegError as e:
-        raise CheckpointError(f"{label}: its network cannot be rebuilt ({e})") from None
 
 
 def plain_data(value: Any) -> Any:

@@ -26,3 +26,8 @@ RESERVED_COLUMNS = ("image", "mask", "group", "split", "slice")
 SPLITS = ("train", "val", "test")
 
 MANIFEST_SCHEMA_VERSION = 1
+
+# Where a CamClassifier's encoder comes from, and the strides it can be cut at (checked both
+# when a network is built from config and when one is rebuilt from a checkpoint).
+ENCODER_SOURCES = ("torchvision", "timm", "smp")
+OUTPUT_STRIDES = (8, 16, 32)

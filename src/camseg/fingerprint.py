@@ -23,7 +23,8 @@ a moved dataset or run directory stays valid). Per stage:
 * ``seg``: like ``cls`` with ``seg.*`` in place of ``model.*``; inputs: ``labels.csv``
   and ``pseudo/manifest.json`` (its digest, see :func:`manifest_digest`).
 
-``data.predict_split`` counts for stage 2 only. Values are compared after
+``data.predict_split`` counts for stage 2 only; ``data.slice_channels`` counts through
+``data.in_channels``, which is derived from it. Values are compared after
 interpolations are resolved, so ``model.scheduler.T_max`` follows ``model.max_epochs``.
 
 When. The training stages record their fingerprint as ``"finished": false`` when
@@ -68,6 +69,8 @@ _WHERE_AND_HOW_FAST = (
     "data.persistent_workers",
     "data.prefetch_factor",
     "data.eval_batch_size",
+    # Derived into data.in_channels, which counts (with data.context_slices).
+    "data.slice_channels",
 )
 _TRAINER_RUNTIME = tuple(
     f"trainer.{k}"

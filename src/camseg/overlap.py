@@ -1,6 +1,6 @@
 """Overlap counts and scores (Dice, IoU, sensitivity, precision) for every camseg metric.
 
-Stage 3's metrics, stage 2's quality.json and :class:`~camseg.cam.sweep.ThresholdSweep`
+Stage 3's metrics, stage 2's quality.json and :class:`~camseg.cam.threshold_sweep.ThresholdSweep`
 all count here. Masks hold 0 = background, ``1..K`` classes; 255 in the ground truth is
 not evaluated, 255 in a prediction (a pseudo-mask's ignore band) predicts no class.
 

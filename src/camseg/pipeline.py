@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,25 @@ from camseg.rundir import RunDir
 
 log = logging.getLogger("camseg")
 _SUBDIR_ENV = "CAMSEG_OUTPUT_SUBDIR"
+
+
+# Stage name -> "module:function" of its runner ``(cfg, run) -> metrics``, imported only when
+# the stage runs (a stage's imports are heavy). A new stage is one entry here (and its name
+# in ``camseg.constants.STAGES``, which sets the pipeline order).
+RUNNERS: dict[str, str] = {
+    "cls": "camseg.cls.stage:run_cls",
+    "pseudo": "camseg.pseudo.stage:run_pseudo",
+    "seg": "camseg.seg.stage:run_seg",
+}
+
+
+def stage_runner(stage: str) -> Callable[[DictConfig, RunDir], dict[str, Any]]:
+    """The runner of ``stage``, looked up when called (so a patched one is found)."""
+    module, _, name = RUNNERS[stage].partition(":")
+    runner: Callable[[DictConfig, RunDir], dict[str, Any]] = getattr(
+        importlib.import_module(module), name
+    )
+    return runner
 
 
 def check_stages(stages: Any) -> list[str]:
@@ -56,23 +77,12 @@ def run_pipeline(cfg: DictConfig) -> float | None:
         # Each stage starts from the seed itself, so a stage run alone on an existing run
         # directory gives what it gives inside the full pipeline.
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        if stage == "cls":
-            from camseg.cls.stage import run_cls
-
-            results["cls"] = run_cls(cfg, run)
-        elif stage == "pseudo":
-            from camseg.pseudo.stage import run_pseudo
-
-            try:
-                results["pseudo"] = run_pseudo(cfg, run)
-            except CoverageStop:
-                if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-                    write_report(cfg, run, {})  # the finding goes on the page too
-                raise
-        else:
-            from camseg.seg.stage import run_seg
-
-            results["seg"] = run_seg(cfg, run)
+        try:
+            results[stage] = stage_runner(stage)(cfg, run)
+        except CoverageStop:
+            if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+                write_report(cfg, run, {})  # the finding goes on the page too
+            raise
         timings[stage] = time.time() - t0
         log.info("=== stage %s done in %.1f s ===", stage, timings[stage])
     report = write_report(cfg, run, timings) if rank_zero_only.rank == 0 else None  # type: ignore[attr-defined]
@@ -82,7 +92,7 @@ def run_pipeline(cfg: DictConfig) -> float | None:
     value = _optimized(cfg, results)
     job = multirun_job()
     if job is not None:
-        from camseg.sweep import write_job_result
+        from camseg.multirun import write_job_result
 
         write_job_result(job[0], cfg, run, results, value)
     return value

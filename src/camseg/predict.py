@@ -76,12 +76,12 @@ class Segmenter:
 
         from camseg.checkpoints import (
             SEGMENTER,
-            build_segmenter,
             load_weights,
             read_checkpoint,
             segmenter_data_config,
             state_dict,
         )
+        from camseg.models.segmenter import build_segmenter
 
         label = f"ckpt={path}"
         # weights_only=True, and the network from camseg's whitelist: the file never runs code.

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from camseg.data.folder import DatasetIndex, check_root
 from camseg.errors import ConfigError
+from camseg.resolvers import check_in_channels
 from camseg.rundir import RunDir, check_output_subdir, check_run_name
 from camseg.utils.io import read_json, write_json_atomic
 
@@ -54,8 +55,10 @@ RULES: tuple[Rule, ...] = (
     Rule("data.eval_batch_size", int, 1, nullable=True),
     Rule("data.num_workers", int, 0),
     Rule("data.image_size", int, 1),
-    Rule("data.in_channels", int, 1),
+    # Before data.in_channels, which is derived from them.
+    Rule("data.slice_channels", int, 1, nullable=True),
     Rule("data.context_slices", int, 0),
+    Rule("data.in_channels", int, 1),
     Rule("data.val_fraction", float, 0, 1),
     Rule("data.test_fraction", float, 0, 1),
     Rule("model.max_epochs", int, 1),
@@ -184,6 +187,11 @@ def check_config(cfg: DictConfig) -> None:
             f"data.val_fraction={val} + data.test_fraction={test} leave no training patients; "
             "keep their sum below 1"
         )
+    if {"data.in_channels", "data.context_slices"} <= values.keys():
+        try:
+            check_in_channels(cfg.data)
+        except ConfigError as e:
+            errors.append(str(e))
     if errors:
         raise ConfigError("; ".join(errors))
 

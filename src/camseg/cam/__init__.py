@@ -36,7 +36,7 @@ from camseg.cam.gradient import GradCAM, GradCAMPlusPlus, GradientCamMethod, Lay
 from camseg.cam.layers import ActivationsAndGrads, default_target_layer, resolve_target_layer
 from camseg.cam.policy import PseudoMaskPolicy, remove_small_components, threshold_cams
 from camseg.cam.scorecam import ScoreCAM
-from camseg.cam.sweep import ThresholdSweep, sweep_thresholds
+from camseg.cam.threshold_sweep import ThresholdSweep, sweep_thresholds
 from camseg.cam.tta import MultiScaleCAM
 
 __all__ = [

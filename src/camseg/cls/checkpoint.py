@@ -14,13 +14,12 @@ import torch
 from camseg.checkpoints import (
     CLASSIFIER,
     CheckpointError,
-    build_classifier,
     classifier_kwargs,
     load_weights,
     read_checkpoint,
     state_dict,
 )
-from camseg.models.classifier import CamClassifier
+from camseg.models.classifier import CamClassifier, build_classifier
 
 
 def read_hparams(path: Path, label: str | None = None, fix: str | None = None) -> dict[str, Any]:

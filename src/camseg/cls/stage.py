@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -19,30 +18,18 @@ from camseg.cls.module import ClassifierModule
 from camseg.data.datamodule import CamSegDataModule
 from camseg.errors import CamsegError, ConfigError, DatasetError
 from camseg.rundir import RunDir
+from camseg.stage_common import (
+    Evaluation,
+    ResumePlan,
+    best_checkpoint,
+    build_datamodule,
+    fit_and_evaluate,
+    plan_resume,
+)
 from camseg.training import build_trainer, check_monitor, save_config
-from camseg.utils.io import read_json, write_json_atomic
+from camseg.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-def build_datamodule(cfg: DictConfig) -> CamSegDataModule:
-    dm: CamSegDataModule = instantiate(cfg.data, _recursive_=False)
-    return dm
-
-
-def resolve_ckpt_path(ckpt_path: str | None, last: Path) -> str | None:
-    if ckpt_path in (None, "", "null"):
-        return None
-    if ckpt_path == "last":
-        if not last.is_file():
-            raise CamsegError(
-                f"ckpt_path=last: {last} not found; nothing to resume (drop ckpt_path to start fresh)"
-            )
-        return str(last)
-    p = Path(ckpt_path)
-    if not p.is_file():
-        raise CamsegError(f"ckpt_path={ckpt_path}: file not found")
-    return str(p)
 
 
 def net_config(cfg: DictConfig, dm: CamSegDataModule) -> dict[str, Any]:
@@ -120,56 +107,30 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     ``ckpt_path=last`` (or a path) continues training, e.g. with a larger ``model.max_epochs``.
     """
     out = run.cls
-    metrics_path = out / "metrics.json"
-    force = bool(cfg.get("force", False))
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run.cls_last)
+    plan = plan_resume(cfg, "cls", out)
     multilabel = bool(cfg.model.get("multilabel", True))
     dm = build_datamodule(cfg)
     dm.setup("fit")
     ncfg = net_config(cfg, dm)
     fp = fingerprint.compute("cls", cfg, {fingerprint.LABELS: fingerprint.labels_digest(dm.root)})
-    if metrics_path.is_file() and ckpt_path is None and not force:
-        done = run.cls_best if run.cls_best.is_file() else run.cls_last
+    if plan.complete:
+        done = best_checkpoint(out)
         if done.is_file():  # the finished run must be the one this config describes
             check_compatible(
                 done, dm.classes, ncfg, fix="force=true retrains the classifier from scratch"
             )
-        fingerprint.check(out, fp)
-        log.info("stage cls: already complete (%s); force=true retrains", metrics_path)
-        return read_json(metrics_path)
-    if ckpt_path is None and run.cls_last.is_file() and not force:
-        fingerprint.check_interrupted(out, fp)
-        log.info("stage cls: resuming the interrupted run from %s", run.cls_last)
-        ckpt_path = str(run.cls_last)
+        return plan.reuse(fp)
+    ckpt_path = _resume_from(plan, fp, dm, ncfg)
     if not multilabel:
         check_multiclass_labels(dm)
-    if ckpt_path is not None:  # read safely and checked before Lightning touches it
-        explicit = cfg.get("ckpt_path") not in (None, "", "null")
-        label, fix = resume_context(ckpt_path, explicit, "cls")
-        check_resumable(check_compatible(Path(ckpt_path), dm.classes, ncfg, label, fix), label)
-    try:
-        net = instantiate(ncfg)
-    except InstantiationException as e:  # e.g. model.net.pretrained refused: keep its one line
-        if isinstance(e.__cause__, CamsegError):
-            raise e.__cause__ from None
-        raise
-    module = ClassifierModule(
-        net=net,
-        optimizer=instantiate(cfg.model.optimizer),
-        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
-        class_names=dm.classes,
-        multilabel=multilabel,
-        pos_weight=resolve_pos_weight(cfg, dm, multilabel),
-        net_config=ncfg,
-        channels_last=bool(cfg.model.get("channels_last", False)),
-    )
+    module = _module(cfg, dm, ncfg, multilabel)
     monitor = str(cfg.model.monitor)
     # Only validation metrics exist when checkpoints and early stopping decide.
     check_monitor(monitor, module.logged_metric_names(["val"]), "model.monitor")
     warn_undefined_monitor(dm, monitor)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    fingerprint.begin(out, fp, metrics_path)
+    plan.begin(fp)
     trainer = build_trainer(
         cfg,
         out,
@@ -178,32 +139,10 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         mode=str(cfg.model.monitor_mode),
         resume=ckpt_path is not None,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    # Read before validate/test, which restore loop state from the best checkpoint.
-    epochs, global_step = int(trainer.current_epoch), int(trainer.global_step)
-    best = run.cls_best if run.cls_best.is_file() else run.cls_last
-    val = trainer.validate(
-        module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
-    )
-    test = trainer.test(
-        module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
-    )
-    # Only numbers that a rerun with the same seed reproduces (wall time is in timings.json).
-    metrics: dict[str, Any] = {
-        "stage": "cls",
-        "classes": dm.classes,
-        "multilabel": multilabel,
-        "monitor": monitor,
-        "best_checkpoint": str(best),
-        "epochs": epochs,
-        "global_step": global_step,
-        "val": _scalars(val),
-        "test": _scalars(test),
-        "patients": {k: len({s.group for s in v}) for k, v in dm.splits.items()},
-        "samples": {k: len(v) for k, v in dm.splits.items()},
-    }
+    ev = fit_and_evaluate(trainer, module, dm, out, ckpt_path)
+    metrics = _metrics(dm, multilabel, monitor, ev)
     if trainer.is_global_zero:
-        write_json_atomic(metrics_path, metrics)
+        write_json_atomic(plan.metrics_path, metrics)
         fingerprint.write(out, replace(fp, finished=True))
     log.info(
         "stage cls: val/auroc=%.4f test/auroc=%.4f -> %s",
@@ -214,9 +153,59 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     return metrics
 
 
-def _scalars(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for r in results:
-        for k, v in r.items():
-            out[k] = float(v)
-    return out
+def _metrics(
+    dm: CamSegDataModule, multilabel: bool, monitor: str, ev: Evaluation
+) -> dict[str, Any]:
+    """``metrics.json``: only numbers that a rerun with the same seed reproduces (wall time
+    is in timings.json)."""
+    return {
+        "stage": "cls",
+        "classes": dm.classes,
+        "multilabel": multilabel,
+        "monitor": monitor,
+        "best_checkpoint": str(ev.best),
+        "epochs": ev.epochs,
+        "global_step": ev.global_step,
+        "val": ev.val,
+        "test": ev.test,
+        "patients": {k: len({s.group for s in v}) for k, v in dm.splits.items()},
+        "samples": {k: len(v) for k, v in dm.splits.items()},
+    }
+
+
+def _resume_from(
+    plan: ResumePlan, fp: fingerprint.Fingerprint, dm: CamSegDataModule, ncfg: dict[str, Any]
+) -> str | None:
+    """The checkpoint training continues from (``ckpt_path``, else an interrupted run's
+    ``last.ckpt``), read safely and checked against this config; None to start fresh."""
+    ckpt_path = plan.requested
+    interrupted = plan.interrupted() if ckpt_path is None else None
+    if interrupted is not None:
+        plan.check_interrupted(fp)
+        log.info("stage cls: resuming the interrupted run from %s", interrupted)
+        ckpt_path = interrupted
+    if ckpt_path is not None:  # read safely and checked before Lightning touches it
+        label, fix = resume_context(ckpt_path, plan.requested is not None, "cls")
+        check_resumable(check_compatible(Path(ckpt_path), dm.classes, ncfg, label, fix), label)
+    return ckpt_path
+
+
+def _module(
+    cfg: DictConfig, dm: CamSegDataModule, ncfg: dict[str, Any], multilabel: bool
+) -> ClassifierModule:
+    try:
+        net = instantiate(ncfg)
+    except InstantiationException as e:  # e.g. model.net.pretrained refused: keep its one line
+        if isinstance(e.__cause__, CamsegError):
+            raise e.__cause__ from None
+        raise
+    return ClassifierModule(
+        net=net,
+        optimizer=instantiate(cfg.model.optimizer),
+        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
+        class_names=dm.classes,
+        multilabel=multilabel,
+        pos_weight=resolve_pos_weight(cfg, dm, multilabel),
+        net_config=ncfg,
+        channels_last=bool(cfg.model.get("channels_last", False)),
+    )

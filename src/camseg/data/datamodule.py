@@ -23,6 +23,7 @@ from camseg.data.folder import DatasetIndex, Sample, load_index
 from camseg.data.splits import assign_splits
 from camseg.data.transforms import build_transforms
 from camseg.errors import ConfigError, DatasetError
+from camseg.resolvers import check_channel_counts
 from camseg.utils.io import read_image, read_mask
 from camseg.utils.large import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -237,6 +238,8 @@ class CamSegDataModule(L.LightningDataModule):
         classes: class columns to use (default: all non-reserved columns).
         image_size: network input side (images and masks are resized to it).
         in_channels: network input channels (``(2*context_slices+1) * per-slice channels``).
+        slice_channels: channels of one slice; when set, ``in_channels`` must be it times
+            ``2*context_slices+1`` (the config derives ``in_channels`` from it).
         context_slices: 2.5D input: neighbours on each side stacked as channels.
         batch_size, num_workers, pin_memory: DataLoader settings.
         val_fraction, test_fraction, split_seed: patient-level split.
@@ -272,8 +275,10 @@ class CamSegDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
         data_dir: str | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        slice_channels: int | None = None,
     ) -> None:
         super().__init__()
+        check_channel_counts(int(in_channels), slice_channels, int(context_slices))
         self.root = Path(root)
         self.classes_arg = list(classes) if classes else None
         self.image_size = int(image_size)

@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from camseg import __version__, fingerprint
 from camseg.cam import CamMethod, PseudoMaskPolicy, build_cam_method
 from camseg.cls.checkpoint import check_compatible, load_classifier
-from camseg.cls.stage import build_datamodule
 from camseg.constants import IGNORE_INDEX, MANIFEST_SCHEMA_VERSION
 from camseg.errors import CamsegError, ConfigError
 from camseg.pseudo.coverage import (
@@ -24,9 +23,10 @@ from camseg.pseudo.coverage import (
     stop_if_uncovered_run,
     summary_lines,
 )
-from camseg.pseudo.predict import CamPredictModule, PseudoLabelWriter, SampleInfo, lacking_files
 from camseg.pseudo.quality import compute_quality, write_quality
+from camseg.pseudo.writer import CamPredictModule, PseudoLabelWriter, SampleInfo, lacking_files
 from camseg.rundir import RunDir
+from camseg.stage_common import build_datamodule
 from camseg.training import build_trainer
 from camseg.utils.io import read_json, remove_path, sha256_file, write_json_atomic
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from camseg.checkpoints import plain_data
-from camseg.errors import ConfigError
 from camseg.seg.losses import build_loss
 from camseg.seg.metrics import SegMetrics, group_ids
 from camseg.utils.io import read_image, save_png_atomic
@@ -26,45 +25,6 @@ from camseg.utils.large import (
     working_size,
 )
 from camseg.utils.overlay import GT_COLOUR, draw_contours, panel, to_rgb
-
-
-def build_segmentation_net(
-    arch: str,
-    encoder_name: str,
-    encoder_weights: str | None,
-    in_channels: int,
-    num_classes: int,
-    model_kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
-    """``smp.create_model`` with K+1 output channels (background first).
-
-    ``model_kwargs`` go to the architecture (e.g. ``decoder_channels`` for Unet).
-    """
-    import segmentation_models_pytorch as smp
-
-    try:
-        return smp.create_model(
-            arch=arch,
-            encoder_name=encoder_name,
-            encoder_weights=encoder_weights,
-            in_channels=in_channels,
-            classes=num_classes + 1,
-            **dict(model_kwargs or {}),
-        )
-    except TypeError as e:
-        raise ConfigError(f"seg.model_kwargs: {e}") from None
-    except KeyError as e:
-        raise ConfigError(
-            f"seg.arch='{arch}' / seg.encoder_name='{encoder_name}': unknown to segmentation-models-pytorch ({e})"
-        ) from None
-    except Exception as e:
-        if encoder_weights and any(
-            s in str(e).lower() for s in ("url", "connection", "resolve", "http", "network")
-        ):
-            raise ConfigError(
-                f"seg.encoder_weights={encoder_weights}: download failed ({type(e).__name__}); no internet? set seg.encoder_weights=null"
-            ) from None
-        raise
 
 
 def full_size_labels(logits: torch.Tensor, h: int, w: int, max_pixels: int | None) -> torch.Tensor:

@@ -4,39 +4,34 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from camseg import fingerprint
 from camseg.checkpoints import check_resumable, check_segmenter, resume_context
-from camseg.cls.stage import build_datamodule, resolve_ckpt_path
-from camseg.constants import IGNORE_INDEX
-from camseg.data.datamodule import CamSegDataModule, collate
+from camseg.data.datamodule import CamSegDataModule
 from camseg.errors import ConfigError, ManifestError
+from camseg.models.segmenter import build_segmentation_net
 from camseg.pseudo.coverage import check_manifest_coverage
 from camseg.pseudo.manifest import Manifest, load_manifest
 from camseg.rundir import RunDir
-from camseg.seg.metrics import SegMetrics, group_ids, output_warnings
-from camseg.seg.module import SegmenterModule, build_segmentation_net
-from camseg.training import build_trainer, save_config
-from camseg.utils.io import read_image, read_json, read_mask, save_png_atomic, write_json_atomic
-from camseg.utils.large import (
-    OVERLAY_MAX_PIXELS,
-    resize_area,
-    resize_nearest,
-    warn_large,
-    working_size,
+from camseg.seg.metrics import output_warnings
+from camseg.seg.module import SegmenterModule
+from camseg.seg.train_eval import evaluate_train
+from camseg.stage_common import (
+    METRICS,
+    ResumePlan,
+    build_datamodule,
+    fit_and_evaluate,
+    plan_resume,
 )
-from camseg.utils.overlay import GT_COLOUR, cam_overlay, draw_contours, panel, stack, to_rgb
+from camseg.training import build_trainer, save_config
+from camseg.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,23 +127,64 @@ def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule
     return module
 
 
+@dataclass
+class _Job:
+    """What every round of stage 3 trains and is judged on."""
+
+    dm: CamSegDataModule
+    manifest: Manifest
+    masks: dict[str, Path]  # training pseudo-masks by sample id
+    val_has_gt: bool
+    monitor: str
+    mode: str
+    rounds: int
+
+
 def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     """Train stage 3 (``seg.rounds`` rounds) into ``run/seg``; returns ``metrics.json``'s content."""
     out = run.seg
-    metrics_path = out / "metrics.json"
-    ckpt_path = (
-        resolve_ckpt_path(cfg.get("ckpt_path"), run.seg_last)
-        if "seg" in list(cfg.stages) and "cls" not in list(cfg.stages)
-        else None
-    )
-    force = bool(cfg.get("force", False))
-    if metrics_path.is_file() and ckpt_path is None and not force:
+    stages = list(cfg.stages)
+    plan = plan_resume(cfg, "seg", out, may_resume="seg" in stages and "cls" not in stages)
+    if plan.complete:
         fingerprint.check_upstream_complete(run.manifest, out)
-        fingerprint.check(
-            out, fingerprint.compute("seg", cfg, fingerprint.seg_inputs(cfg, run.manifest))
+        return plan.reuse(
+            fingerprint.compute("seg", cfg, fingerprint.seg_inputs(cfg, run.manifest))
         )
-        log.info("stage seg: already complete (%s); force=true retrains", metrics_path)
-        return read_json(metrics_path)
+    job = _prepare(cfg, run)
+    fp = fingerprint.compute("seg", cfg, fingerprint.seg_inputs(cfg, run.manifest))
+    plan.check_interrupted(fp)
+    plan.begin(fp)
+    history: list[dict[str, Any]] = []
+    masks = job.masks
+    for r in range(1, job.rounds + 1):
+        trained = _train_round(cfg, job, plan, r, masks)
+        if trained is None:  # not rank 0: the metrics and the next round are rank 0's
+            return {}
+        result, relabelled = trained
+        history.append(result)
+        if r < job.rounds:
+            write_json_atomic(out / f"round{r}" / METRICS, result)
+            masks = relabelled
+            log.info(
+                "stage seg: round %d test Dice %.4f; relabelled %d training images",
+                r,
+                result["test"].get("test/dice", float("nan")),
+                len(masks),
+            )
+    final = _final(history, job, out)
+    write_json_atomic(plan.metrics_path, final)
+    fingerprint.write(out, replace(fp, finished=True))
+    log.info(
+        "stage seg: test Dice %.4f IoU %.4f -> %s",
+        final["test"].get("test/dice", float("nan")),
+        final["test"].get("test/iou", float("nan")),
+        out,
+    )
+    return final
+
+
+def _prepare(cfg: DictConfig, run: RunDir) -> _Job:
+    """Data, manifest and pseudo-masks checked, and the checkpoint monitor, before training."""
     run.require(run.manifest, "pseudo")
     dm = build_datamodule(cfg)
     dm.setup("fit")
@@ -161,7 +197,6 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         classes=dm.classes,
     )
     masks = check_manifest_masks(manifest, dm, bool(cfg.seg.skip_unlabelled))
-    fp = fingerprint.compute("seg", cfg, fingerprint.seg_inputs(cfg, run.manifest))
     check_manifest_coverage(manifest, masks, cfg.pseudo.get("min_positive_coverage", 0.0))
     val_has_gt = any(s.mask for s in dm.samples("val"))
     monitor, mode = monitor_and_mode(cfg.seg, val_has_gt)
@@ -182,81 +217,62 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         raise ConfigError(
             "seg.rounds > 1 (self-training) runs on one device; use trainer.devices=1 or seg.rounds=1"
         )
-    if ckpt_path is None and not force and any(out.glob("**/checkpoints/last.ckpt")):
-        fingerprint.check_interrupted(out, fp)
-    fingerprint.begin(out, fp, metrics_path)
-    history: list[dict[str, Any]] = []
-    for r in range(1, rounds + 1):
-        stage_dir = out if r == rounds else out / f"round{r}"
-        dm.train_masks = masks
-        dm.full_res_eval = True
-        module = _module(cfg, dm, stage_dir)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, stage_dir / "config.yaml")
-        resume = ckpt_path if r == rounds else None
-        if (
-            resume is None
-            and (stage_dir / "checkpoints" / "last.ckpt").is_file()
-            and not (stage_dir / "metrics.json").is_file()
-            and not force
-        ):
-            resume = str(stage_dir / "checkpoints" / "last.ckpt")
-            log.info("stage seg: resuming round %d from %s", r, resume)
-        trainer = build_trainer(
-            cfg,
-            stage_dir,
-            max_epochs=int(cfg.seg.max_epochs),
-            monitor=monitor,
-            mode=mode,
-            resume=resume is not None,
-        )
-        if resume is not None:  # read safely and checked before Lightning touches it
-            label, fix = resume_context(resume, resume == ckpt_path, "seg")
-            ckpt = check_segmenter(resume, module.hparams["net_config"], dm.classes, label, fix)
-            check_resumable(ckpt, label)
-        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
-        best = stage_dir / "checkpoints" / "best.ckpt"
-        if not best.is_file():
-            best = stage_dir / "checkpoints" / "last.ckpt"
-        val = (
-            trainer.validate(
-                module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
-            )
-            if val_has_gt
-            else [{}]
-        )
-        test = trainer.test(
-            module, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True
-        )
-        if not trainer.is_global_zero:
-            return {}
-        train_cmp, relabel, positives = evaluate_train(
-            module, dm, manifest, stage_dir, cfg, relabel=r < rounds
-        )
-        result: dict[str, Any] = {
-            "stage": "seg",
-            "round": r,
-            "arch": str(cfg.seg.arch),
-            "encoder": str(cfg.seg.encoder_name),
-            "monitor": monitor,
-            "best_checkpoint": str(best),
-            "epochs": int(trainer.current_epoch),
-            "val": {k: float(v) for k, v in val[0].items()},
-            "test": {k: float(v) for k, v in test[0].items()},
-            "train_pseudo_vs_seg": train_cmp,
-            "train_positives_with_foreground": positives,
-        }
-        history.append(result)
-        if r < rounds:
-            write_json_atomic(stage_dir / "metrics.json", result)
-            masks = relabel
-            log.info(
-                "stage seg: round %d test Dice %.4f; relabelled %d training images",
-                r,
-                result["test"].get("test/dice", float("nan")),
-                len(masks),
-            )
+    return _Job(dm, manifest, masks, val_has_gt, monitor, mode, rounds)
+
+
+def _train_round(
+    cfg: DictConfig, job: _Job, plan: ResumePlan, r: int, masks: dict[str, Path]
+) -> tuple[dict[str, Any], dict[str, Path]] | None:
+    """Round ``r`` on ``masks``: its metrics and, before the last round, its new masks.
+    None on ranks other than 0. The last round trains in the stage directory itself."""
+    dm = job.dm
+    stage_dir = plan.out if r == job.rounds else plan.out / f"round{r}"
+    dm.train_masks = masks
+    dm.full_res_eval = True
+    module = _module(cfg, dm, stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, stage_dir / "config.yaml")
+    resume = plan.requested if r == job.rounds else None
+    if resume is None and (resume := plan.interrupted(stage_dir)) is not None:
+        log.info("stage seg: resuming round %d from %s", r, resume)
+    trainer = build_trainer(
+        cfg,
+        stage_dir,
+        max_epochs=int(cfg.seg.max_epochs),
+        monitor=job.monitor,
+        mode=job.mode,
+        resume=resume is not None,
+    )
+    if resume is not None:  # read safely and checked before Lightning touches it
+        label, fix = resume_context(resume, resume == plan.requested, "seg")
+        ckpt = check_segmenter(resume, module.hparams["net_config"], dm.classes, label, fix)
+        check_resumable(ckpt, label)
+    ev = fit_and_evaluate(trainer, module, dm, stage_dir, resume, validate=job.val_has_gt)
+    if not trainer.is_global_zero:
+        return None
+    train_cmp, relabelled, positives = evaluate_train(
+        module, dm, job.manifest, stage_dir, cfg, relabel=r < job.rounds
+    )
+    result: dict[str, Any] = {
+        "stage": "seg",
+        "round": r,
+        "arch": str(cfg.seg.arch),
+        "encoder": str(cfg.seg.encoder_name),
+        "monitor": job.monitor,
+        "best_checkpoint": str(ev.best),
+        "epochs": ev.epochs,
+        "val": ev.val,
+        "test": ev.test,
+        "train_pseudo_vs_seg": train_cmp,
+        "train_positives_with_foreground": positives,
+    }
+    return result, relabelled
+
+
+def _final(history: list[dict[str, Any]], job: _Job, out: Path) -> dict[str, Any]:
+    """The last round's metrics, with every round's scores and the output warnings."""
     final = dict(history[-1])
+    monitor, rounds = job.monitor, job.rounds
     if rounds > 1:
         final["rounds"] = [
             {
@@ -266,7 +282,7 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             }
             for h in history
         ]
-        chosen = best_round(final["rounds"], monitor, mode)
+        chosen = best_round(final["rounds"], monitor, job.mode)
         if chosen is not None:
             final["best_round_by_val"] = chosen
             if chosen != rounds:
@@ -282,19 +298,11 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                 )
     final["warnings"] = output_warnings(
         {"val": final["val"], "test": final["test"]},
-        dm.classes,
+        job.dm.classes,
         final["train_positives_with_foreground"],
     )
     for w in final["warnings"]:
         log.warning("stage seg: WARNING: %s", w)
-    write_json_atomic(metrics_path, final)
-    fingerprint.write(out, replace(fp, finished=True))
-    log.info(
-        "stage seg: test Dice %.4f IoU %.4f -> %s",
-        final["test"].get("test/dice", float("nan")),
-        final["test"].get("test/iou", float("nan")),
-        out,
-    )
     return final
 
 
@@ -309,130 +317,3 @@ def best_round(rounds: list[dict[str, Any]], monitor: str, mode: str) -> int | N
         values.append(float(v))
     target = max(values) if mode == "max" else min(values)
     return int(rounds[values.index(target)]["round"])
-
-
-@torch.no_grad()
-def evaluate_train(
-    module: SegmenterModule,
-    dm: CamSegDataModule,
-    manifest: Manifest,
-    out: Path,
-    cfg: DictConfig,
-    relabel: bool,
-) -> tuple[dict[str, float] | None, dict[str, Path], dict[str, dict[str, int]]]:
-    """Segmenter vs ground truth on the pseudo-labelled training images (the "pseudo-masks alone vs
-    segmenter" comparison), the figure grid, for self-training new confident masks, and per class
-    how many training images labelled positive get any predicted pixel of the class."""
-    device = module.device
-    module.eval()
-    ids = set(manifest.mask_paths())
-    ds = dm.dataset("train", train=False, full_res=True)
-    ds.items = [it for it in ds.items if it.id in ids]
-    loader = DataLoader(
-        ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=0, collate_fn=collate
-    )
-    # Runs on rank 0 alone after training: no sync with the other (finished) ranks.
-    metric = SegMetrics(dm.num_classes, dm.classes, prefix="", sync_on_compute=False)
-    confidence = float(cfg.seg.get("self_training_confidence", 0.9))
-    new_masks: dict[str, Path] = {}
-    grid_rows: list[np.ndarray] = []
-    want_grid = 6
-    rows_by_id = {r["id"]: r for r in manifest.samples}
-    positives = np.zeros((2, dm.num_classes), np.int64)  # [labelled positive, with foreground]
-    for batch in loader:
-        images = batch["image"].to(device)
-        for i in range(len(images)):
-            h, w = (int(v) for v in batch["orig_size"][i])
-            pred, conf = module.full_size_probabilities(images[i : i + 1], h, w)
-            if module.max_image_pixels and h * w > module.max_image_pixels:
-                warn_large(
-                    "stage seg",
-                    batch["id"][i],
-                    h,
-                    w,
-                    module.max_image_pixels,
-                    "data.max_image_pixels",
-                )
-            pred_np = pred.cpu().numpy()
-            sid = batch["id"][i]
-            present = batch["labels"][i].numpy().astype(bool)
-            positives[0] += present
-            predicted = np.bincount(pred_np.ravel(), minlength=256)[1 : dm.num_classes + 1] > 0
-            positives[1] += present & predicted
-            gt = batch["mask_full"][i] if bool(batch["has_mask"][i]) else None
-            if gt is not None:
-                metric.update(pred[None].cpu(), gt[None], group_ids([batch["group"][i]]))
-            if relabel:
-                labels = batch["labels"][i].numpy().astype(bool)
-                new = pred_np.copy()
-                absent = np.isin(new, [k + 1 for k in range(len(labels)) if not labels[k]])
-                new[absent] = 0
-                new[(conf.cpu().numpy() < confidence) & (new != 0)] = IGNORE_INDEX
-                if not labels.any():
-                    new[:] = 0
-                path = out / "relabel" / "masks" / f"{sid}.png"
-                save_png_atomic(path, new)
-                new_masks[sid] = path
-            row = rows_by_id.get(sid)
-            if (
-                gt is not None
-                and len(grid_rows) < want_grid
-                and row
-                and any(row["labels"])
-                and gt.any()
-            ):
-                grid_rows.append(
-                    _grid_row(
-                        batch["image_path"][i],
-                        manifest,
-                        row,
-                        pred_np,
-                        gt.numpy().astype(np.uint8),
-                        titled=not grid_rows,  # the first row carries the column titles
-                    )
-                )
-    if grid_rows:
-        save_png_atomic(out / "figure_grid.png", stack(*grid_rows))
-    tally = {
-        c: {"positives": int(positives[0, k]), "with_foreground": int(positives[1, k])}
-        for k, c in enumerate(dm.classes)
-    }
-    if metric.update_count == 0:
-        return None, new_masks, tally
-    values = metric.compute()
-    scores = {k: float(values[k]) for k in ("dice", "iou", "sensitivity", "precision")}
-    return scores, new_masks, tally
-
-
-def _grid_row(
-    image_path: str,
-    manifest: Manifest,
-    row: dict[str, Any],
-    pred: np.ndarray,
-    gt: np.ndarray,
-    titled: bool = False,
-) -> np.ndarray:
-    image = to_rgb(read_image(image_path))
-    # A figure for people: a large image is drawn at a bounded size (its float heatmap and
-    # blend would otherwise cost gigabytes).
-    h, w = working_size(image.shape[0], image.shape[1], OVERLAY_MAX_PIXELS)
-    image = resize_area(image, h, w)
-    pred, gt = resize_nearest(pred, h, w), resize_nearest(gt, h, w)
-    cam_path = manifest.root / "cams" / f"{row['id']}.npz"
-    if cam_path.is_file():
-        cams = np.load(cam_path)["cams"].astype(np.float32)
-        labels = np.asarray(row["labels"], dtype=np.float32)
-        cam = (cams * labels[:, None, None]).max(axis=0)
-        if cam.shape != (h, w):  # CAMs are at the image's (or its working) size
-            cam = cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR)
-    else:
-        cam = np.zeros((h, w), np.float32)
-    pseudo = resize_nearest(read_mask(manifest.root / row["mask"]), h, w)
-    return panel(
-        image,
-        cam_overlay(image, cam),
-        draw_contours(image, pseudo),
-        draw_contours(image, pred),
-        draw_contours(image, gt, colour=GT_COLOUR),
-        titles=("image", "CAM", "pseudo-mask", "prediction", "truth") if titled else None,
-    )
