@@ -28,12 +28,16 @@ LAYERS: list[tuple[str, ...]] = [
     # The libraries: datasets, networks, CAM methods and pseudo-mask policy.
     ("camseg.data", "camseg.models", "camseg.cam"),
     # What the stage runners share, and the checks before any stage runs.
-    ("camseg.stage_common", "camseg.preflight"),
+    # (and the TensorBoard picture callback, which draws CAMs).
+    ("camseg.stage_common", "camseg.preflight", "camseg.tb_images"),
     # The stages, in pipeline order: a stage reads what earlier stages wrote.
     ("camseg.cls",),
     ("camseg.pseudo",),
     ("camseg.seg",),
     ("camseg.audit",),
+    # The case-by-case report: the HTML page, then the evaluation and markdown over it.
+    ("camseg.report_html",),
+    ("camseg.report_cases",),
     # Entry points over the stages.
     ("camseg.report", "camseg.multirun", "camseg.predict"),
     ("camseg.pipeline",),
