@@ -38,6 +38,7 @@ from camseg.data.prepare.common import (
     cli_runner,
     conversion,
     issues_note,
+    require_source_dir,
 )
 from camseg.data.prepare.ctich_jpg import iter_jpg_slices, patient_folders, rel_path
 from camseg.data.prepare.ctich_labels import (
@@ -65,10 +66,7 @@ _NIFTI_NAME = re.compile(r"^(\d+)\.nii(\.gz)?$")
 
 def detect_layout(src: Path, layout: str = "auto") -> tuple[Path, str]:
     """Find the release folder under ``src`` and its layout ('nifti' or 'jpg')."""
-    if not src.is_dir():
-        raise DatasetError(
-            f"{src}: source folder not found; point SRC at the unzipped CT-ICH release"
-        )
+    require_source_dir(src, "point SRC at the unzipped CT-ICH release")
     candidates = [
         src,
         *sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")),
