@@ -127,6 +127,11 @@ def test_an_unrecognised_layout_lists_the_layouts_understood(tmp_path: Path) -> 
     assert "no image files in the class folders; understood layouts:" in message
     assert "SRC/<class>/images/<image> + SRC/<class>/masks/<mask>" in message
     assert "\n" not in message
+    # SRC pointed one level too low, at a class folder: not two classes 'images' and 'masks'
+    _save(tmp_path / "benign" / "images" / "a.png", _image(0))
+    _save(tmp_path / "benign" / "masks" / "a_mask.png", _mask(0, 2))
+    with pytest.raises(DatasetError, match=r"holds images/ and masks/ folders, the inside of one"):
+        convert_folder(tmp_path / "benign", tmp_path / "out", progress=False)
 
 
 def test_off_a_terminal_progress_writes_plain_lines(capsys: pytest.CaptureFixture[str]) -> None:

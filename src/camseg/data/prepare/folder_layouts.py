@@ -93,15 +93,18 @@ def _add_image(images: dict[str, Item], cls: str, p: Path) -> None:
 
 
 def _attach(
-    images: dict[str, Item], mask: Path, base: str, cls: str, where: str, issues: list[Issue]
+    images: dict[str, Item],
+    mask: Path,
+    base: str,
+    cls: str,
+    where: str,
+    near: str,
+    issues: list[Issue],
 ) -> bool:
     """Give ``mask`` to the image ``base``; report it when there is none. True if attached."""
     if base in images:
         images[base].masks.append(mask)
         return True
-    near = (
-        "beside this mask" if "/" not in where.removeprefix(f"{cls}/") else "in the images folder"
-    )
     issues.append(
         Issue(
             "mask_without_image", cls, None, where, f"no image named '{base}' {near}; mask skipped"
@@ -114,8 +117,9 @@ def scan_class(
     folder: Path, mask_suffix: str | None, issues: list[Issue]
 ) -> tuple[list[Item], bool]:
     """The images of one class folder, in its layout; True when that layout has masks."""
-    if _subfolder(folder, IMAGES_DIRS) is not None:
-        return _scan_images_masks(folder, mask_suffix, issues)
+    images_dir = _subfolder(folder, IMAGES_DIRS)
+    if images_dir is not None:
+        return _scan_images_masks(folder, images_dir, mask_suffix, issues)
     return _scan_flat(folder, folder.name, mask_suffix, issues), False
 
 
@@ -134,17 +138,15 @@ def _scan_flat(folder: Path, cls: str, mask_suffix: str | None, issues: list[Iss
         else:
             _add_image(images, cls, p)
     for p, base in mask_files:
-        _attach(images, p, base, cls, f"{cls}/{p.name}", issues)
+        _attach(images, p, base, cls, f"{cls}/{p.name}", "beside this mask", issues)
     return list(images.values())
 
 
 def _scan_images_masks(
-    folder: Path, mask_suffix: str | None, issues: list[Issue]
+    folder: Path, images_dir: Path, mask_suffix: str | None, issues: list[Issue]
 ) -> tuple[list[Item], bool]:
     cls = folder.name
-    images_dir = _subfolder(folder, IMAGES_DIRS)
     masks_dir = _subfolder(folder, MASKS_DIRS)
-    assert images_dir is not None
     for p in _sorted_files(folder):
         if p not in (images_dir, masks_dir):
             issues.append(
@@ -176,7 +178,8 @@ def _scan_images_masks(
     for p in masks:
         m = mask_re.match(p.stem)
         base = p.stem if p.stem in images or m is None else m.group("base")
-        attached += _attach(images, p, base, cls, f"{cls}/{masks_dir.name}/{p.name}", issues)
+        where = f"{cls}/{masks_dir.name}/{p.name}"
+        attached += _attach(images, p, base, cls, where, "in the images folder", issues)
     if masks and images and not attached:
         raise DatasetError(
             f"{masks_dir}: none of its {len(masks)} masks matches an image of {images_dir} by name "

@@ -27,7 +27,14 @@ from camseg.data.prepare.common import (
     issues_note,
     require_source_dir,
 )
-from camseg.data.prepare.folder_layouts import LAYOUTS_HELP, Item, natural_key, scan_class
+from camseg.data.prepare.folder_layouts import (
+    IMAGES_DIRS,
+    LAYOUTS_HELP,
+    MASKS_DIRS,
+    Item,
+    natural_key,
+    scan_class,
+)
 from camseg.data.progress import progress as progress_of
 from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import read_image, save_png_atomic
@@ -175,6 +182,12 @@ def _positive_classes(
     src: Path, names: list[str], negative_classes: tuple[str, ...] | list[str]
 ) -> list[str]:
     """The class columns: the folders not declared negative, sorted; reserved names refused."""
+    lower = {n.lower() for n in names}
+    if lower & set(IMAGES_DIRS) and lower & set(MASKS_DIRS):
+        raise DatasetError(
+            f"{src}: holds images/ and masks/ folders, the inside of one class; point SRC at the "
+            f"folder above the class folders ({LAYOUTS_HELP})"
+        )
     unknown = [c for c in negative_classes if c not in names]
     if unknown:
         raise DatasetError(
