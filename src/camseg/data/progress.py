@@ -46,7 +46,7 @@ def progress(
         enabled: False: no output at all.
         interval_s: seconds between log lines off a terminal; default :data:`LOG_INTERVAL_S`.
     """
-    if not enabled:
+    if not enabled or sys.stderr is None:  # None: no console at all (pythonw)
         yield from items
         return
     if sys.stderr.isatty():

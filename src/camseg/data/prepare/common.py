@@ -185,7 +185,9 @@ def print_summary(
     print(line)
 
 
-def add_output_options(p: argparse.ArgumentParser, strict: bool = True) -> None:
+def add_output_options(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, strict: bool = True
+) -> None:
     """The options every converter shares: --strict (if it reports issues), --overwrite, --no-progress."""
     if strict:
         p.add_argument(
@@ -194,7 +196,9 @@ def add_output_options(p: argparse.ArgumentParser, strict: bool = True) -> None:
             help="fail on any inconsistency instead of reporting it",
         )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress output and no summary line"
+    )
 
 
 def require_source_dir(src: Path, hint: str) -> Path:
@@ -302,7 +306,7 @@ def add_converter_parser(
     p = subparsers.add_parser(name, help=help, description=description)
     p.add_argument("src", type=Path, metavar="SRC", help=src_help)
     p.add_argument("--out", type=Path, required=True, help="destination dataset root")
-    add_output_options(p, strict=strict)
+    add_output_options(p.add_argument_group("output"), strict=strict)
     return p
 
 
