@@ -47,19 +47,10 @@ from camseg import __version__
 from camseg.data.folder import LABELS_CSV
 from camseg.data.progress import progress
 from camseg.data.synthetic_presets import LesionRecord, get_preset, render_realistic_volume
-from camseg.data.synthetic_render import min_lesion_area, render_volume
+from camseg.data.synthetic_render import min_lesion_area as min_lesion_area  # re-export
+from camseg.data.synthetic_render import render_volume
 from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import png_bytes, remove_path
-
-__all__ = [
-    "FLAVORS",
-    "LESIONS_CSV",
-    "generate",
-    "generate_if_asked",
-    "marker_box",
-    "min_lesion_area",
-    "render_volume",
-]
 
 FLAVORS = ("hemorrhage", "nodule")
 MIN_SIZE = 32

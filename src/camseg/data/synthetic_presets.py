@@ -39,25 +39,14 @@ from scipy import ndimage
 from camseg.data.prepare.windowing import WINDOW_PRESETS, apply_windows
 from camseg.data.synthetic_hu_head import (
     AREA_RANGE,
-    LESION_KINDS,
     Bleed,
     HuHead,
     fit_bleed,
     new_bleed,
 )
+from camseg.data.synthetic_hu_head import LESION_KINDS as LESION_KINDS  # re-export
 from camseg.data.synthetic_shapes import Grid, Texture, add_scanner_noise
 from camseg.errors import ConfigError
-
-__all__ = [
-    "CT_WINDOWS",
-    "LESION_KINDS",
-    "PRESETS",
-    "LesionRecord",
-    "Preset",
-    "get_preset",
-    "render_realistic_volume",
-    "slice_labels",
-]
 
 CT_WINDOWS = tuple(WINDOW_PRESETS[n] for n in ("brain", "subdural", "bone"))
 # Peak area of a lesion run (fraction of the slice), log-normal; the run's rounded profile

@@ -43,7 +43,8 @@ from camseg.data.prepare.lidc_annotations import (
     consensus_mask,
     slice_index,
 )
-from camseg.data.prepare.lidc_crop import crop, fixed_box, lung_box, scan_box
+from camseg.data.prepare.lidc_crop import crop, scan_box
+from camseg.data.prepare.lidc_crop import lung_box as lung_box  # re-export
 from camseg.data.prepare.pylidc_source import PylidcSource
 from camseg.data.prepare.windowing import CtWindow, apply_windows, parse_windows
 from camseg.data.progress import progress as progress_of
@@ -51,18 +52,6 @@ from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import save_png_atomic
 
 AIR_HU = -1000.0
-
-__all__ = [
-    "LidcScanRecord",
-    "LidcSource",
-    "ScanSlices",
-    "convert_lidc",
-    "crop",
-    "fixed_box",
-    "lung_box",
-    "process_scan",
-    "sample_negatives",
-]
 
 
 @dataclass
