@@ -231,6 +231,7 @@ class Conversion:
         strict: raise on any issue instead of reporting it.
         rows: labels.csv rows, appended by the converter.
         issues: inconsistencies, appended by the converter.
+        finished: set by :meth:`finish`; a conversion left unfinished is a bug.
     """
 
     name: str
