@@ -12,7 +12,7 @@ from PIL import Image
 
 from camseg.data.folder import validate_root
 from camseg.data.prepare import register
-from camseg.data.prepare.common import check_out_dir, staged_output
+from camseg.data.prepare.common import check_out_dir, cli_runner, staged_output
 from camseg.errors import DatasetError
 
 
@@ -116,3 +116,35 @@ def test_interrupted_staging_leaves_nothing(tmp_path: Path) -> None:
         (stage / "half.png").write_bytes(b"x")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_option_reaches_the_converter_under_its_keyword(tmp_path: Path) -> None:
+    """The lidc subcommand's --crop is the converter's crop_mode; the output options follow."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def fake(*args: object, **kwargs: object) -> Path:
+        calls.append((args, kwargs))
+        return tmp_path
+
+    parser = _parser()
+    args = parser.parse_args(
+        ["lidc", "s", "--out", "o", "--crop", "lungs", "--crop-size", "96", "--strict"]
+    )
+    run = cli_runner(fake, "crop_size", "min_readers", crop_mode="crop")
+    assert run(args) == 0
+    assert calls == [
+        (
+            (Path("s"), Path("o")),
+            {
+                "crop_size": 96,
+                "min_readers": 1,
+                "crop_mode": "lungs",
+                "strict": True,
+                "overwrite": False,
+                "progress": True,
+            },
+        )
+    ]
+    args = parser.parse_args(["lgg-mri", "s", "--out", "o", "--no-progress", "--overwrite"])
+    cli_runner(fake, "patients")(args)
+    assert calls[-1][1] == {"patients": None, "overwrite": True, "progress": False}  # no --strict

@@ -96,3 +96,16 @@ def slice_positions(rng: np.random.Generator, m: int) -> np.ndarray:
     span = min(1.7, 0.15 * (m - 1))
     start = rng.uniform(-0.95, 0.95 - span)
     return np.linspace(start, start + span, m)
+
+
+def run_profile(z: int, z0: int, z1: int) -> float:
+    """Size factor of a lesion spanning slices z0..z1: 1 in the middle, rounded to ~0.45 at its ends."""
+    zc, half = (z0 + z1) / 2.0, (z1 - z0) / 2.0 + 0.75
+    return 0.45 + 0.55 * math.sqrt(max(0.0, 1.0 - ((z - zc) / half) ** 2))
+
+
+def add_scanner_noise(img: np.ndarray, rng: np.random.Generator, amplitude: float) -> None:
+    """Add slightly smooth noise of standard deviation ``amplitude`` to the square ``img``."""
+    size = img.shape[0]
+    noise = ndimage.gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), 0.6)
+    img += amplitude * noise / max(float(noise.std()), 1e-6)

@@ -1,9 +1,10 @@
-"""Pieces every converter shares: the staged output folder, labels.csv, the issue report.
+"""Pieces every converter shares: the staged output folder, labels.csv, the issue report, the CLI.
 
 A converter never writes into its final folder directly: it fills a hidden sibling
 folder, validates it with :func:`camseg.data.folder.validate_root`, and renames it onto
 ``--out`` in one step, so an interrupted conversion leaves either nothing or the old
-folder, never half a dataset.
+folder, never half a dataset. :func:`conversion` does all of that around a converter's own
+reading, so each converter only reads its source and appends rows and issues.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import io
 import os
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from camseg.data.folder import LABELS_CSV, validate_root
-from camseg.errors import DatasetError
+from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import remove_path, write_text_atomic
 
 REPORT_CSV = "conversion_report.csv"
@@ -184,7 +185,9 @@ def print_summary(
     print(line)
 
 
-def add_output_options(p: argparse.ArgumentParser, strict: bool = True) -> None:
+def add_output_options(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, strict: bool = True
+) -> None:
     """The options every converter shares: --strict (if it reports issues), --overwrite, --no-progress."""
     if strict:
         p.add_argument(
@@ -193,4 +196,140 @@ def add_output_options(p: argparse.ArgumentParser, strict: bool = True) -> None:
             help="fail on any inconsistency instead of reporting it",
         )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress output and no summary line"
+    )
+
+
+def require_source_dir(src: Path, hint: str) -> Path:
+    """``src`` as a Path; a one-line error ending in ``hint`` when it is not a folder."""
+    src = Path(src)
+    if not src.is_dir():
+        raise DatasetError(f"{src}: source folder not found; {hint}")
+    return src
+
+
+def check_first_n(value: int | None, unit: str = "patients") -> None:
+    """Refuse a ``--patients N`` that is not a positive number."""
+    if value is not None and value < 1:
+        raise ConfigError(f"--patients is {value}; give a positive number of {unit}")
+
+
+def issues_note(issues: Sequence[Issue], label: str = "inconsistencies in the source") -> str:
+    """The README line that counts the source's inconsistencies."""
+    return f"- {label}: {len(issues)}{' (see conversion_report.csv)' if issues else ''}\n"
+
+
+@dataclass
+class Conversion:
+    """A conversion in progress: the staging folder, and the rows and issues found so far.
+
+    Attributes:
+        name: the subcommand, used in messages (``ct-ich``).
+        out: the final folder.
+        stage: the hidden folder the converter writes into.
+        strict: raise on any issue instead of reporting it.
+        rows: labels.csv rows, appended by the converter.
+        issues: inconsistencies, appended by the converter.
+        finished: set by :meth:`finish`; a conversion left unfinished is a bug.
+    """
+
+    name: str
+    out: Path
+    stage: Path
+    strict: bool
+    rows: list[list[object]] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    finished: bool = False
+
+    def check_strict(self) -> None:
+        """Under ``strict``: stop now if an issue was found (long converters call it early)."""
+        if self.strict:
+            raise_if_strict(self.issues, self.out, self.name)
+
+    def finish(
+        self,
+        *,
+        header: Sequence[str],
+        classes: Sequence[str],
+        readme: Callable[[], str],
+        positives_fix: str,
+    ) -> None:
+        """Close the conversion: the strict check, labels.csv, README.md, the report, validation."""
+        self.check_strict()
+        finish(
+            self.stage,
+            header=header,
+            rows=self.rows,
+            classes=classes,
+            issues=self.issues,
+            readme=readme(),
+            positives_fix=positives_fix,
+        )
+        self.finished = True
+
+
+@contextmanager
+def conversion(
+    name: str,
+    out: Path,
+    *,
+    strict: bool = False,
+    progress: bool = True,
+    issues: Iterable[Issue] = (),
+) -> Iterator[Conversion]:
+    """Stage a conversion into ``out``; the body reads the source and calls ``finish``.
+
+    On success the staging folder replaces ``out`` and, with ``progress``, a one-line summary
+    is printed. Call :func:`check_out_dir` first.
+    """
+    with staged_output(out) as stage:
+        conv = Conversion(name, out, stage, strict, issues=list(issues))
+        yield conv
+        if not conv.finished:
+            raise RuntimeError(
+                f"{name}: the converter did not call finish(); please report this bug"
+            )
+    if progress:
+        print_summary(name, out, conv.rows, conv.issues)
+
+
+def add_converter_parser(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    src_help: str,
+    strict: bool = True,
+) -> argparse.ArgumentParser:
+    """A subcommand with ``SRC``, ``--out`` and the output options; add its own options after."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.add_argument("src", type=Path, metavar="SRC", help=src_help)
+    p.add_argument("--out", type=Path, required=True, help="destination dataset root")
+    add_output_options(p.add_argument_group("output"), strict=strict)
+    return p
+
+
+def cli_runner(
+    convert: Callable[..., Path], *names: str, **renamed: str
+) -> Callable[[argparse.Namespace], int]:
+    """The ``func`` of a subcommand: ``convert(SRC, --out, **options)``; returns exit status 0.
+
+    Args:
+        convert: the converter function.
+        names: options passed under their own name.
+        renamed: ``keyword="dest"``: options whose argparse dest differs from the keyword.
+    """
+
+    def run(args: argparse.Namespace) -> int:
+        kwargs = {n: getattr(args, n) for n in names}
+        kwargs.update({k: getattr(args, dest) for k, dest in renamed.items()})
+        if hasattr(args, "strict"):
+            kwargs["strict"] = args.strict
+        convert(
+            args.src, args.out, overwrite=args.overwrite, progress=not args.no_progress, **kwargs
+        )
+        return 0
+
+    return run

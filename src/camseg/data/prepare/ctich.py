@@ -14,160 +14,59 @@ axial slice ``A[x, y]`` becomes ``image = A.T[::-1, ::-1]``, i.e.
 ``image[r, c] = A[X-1-c, Y-1-r]``: row 0 is the most anterior row, column 0 the patient's
 right (radiological view, as in a PACS viewer). The mask gets the same transform, computed
 from the CT's affine. Output files keep the CSV's slice number: ``images/049_012.png``.
+
+This module reads the NIfTI release and drives the conversion; the diagnosis CSV and the
+label/mask checks are in :mod:`~camseg.data.prepare.ctich_labels`, the JPG release in
+:mod:`~camseg.data.prepare.ctich_jpg`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 from camseg.data.prepare.common import (
     Issue,
-    add_output_options,
+    add_converter_parser,
+    check_first_n,
     check_out_dir,
-    finish,
-    print_summary,
-    raise_if_strict,
-    staged_output,
+    cli_runner,
+    conversion,
+    issues_note,
+    require_source_dir,
+)
+from camseg.data.prepare.ctich_jpg import iter_jpg_slices, patient_folders, rel_path
+from camseg.data.prepare.ctich_labels import (
+    JPG_CSV,
+    NIFTI_CSV,
+    SUBTYPES,
+    CtIchSlice,
+    DiagnosisRow,
+    check_mask,
+    mask_for,
+    read_diagnosis_csv,
 )
 from camseg.data.prepare.windowing import CtWindow, apply_windows, parse_windows
-from camseg.errors import ConfigError, DatasetError
+from camseg.data.progress import progress as progress_of
+from camseg.errors import DatasetError
 from camseg.optional import import_optional
 from camseg.utils.io import save_png_atomic
 
 if TYPE_CHECKING:
     import nibabel as nib
 
-SUBTYPES = ("Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural", "Subdural")
-NIFTI_CSV = "hemorrhage_diagnosis_raw_ct.csv"
-JPG_CSV = "hemorrhage_diagnosis.csv"
 DEFAULT_WINDOWS = "brain,subdural,bone"
-_REQUIRED_COLUMNS = ("PatientNumber", "SliceNumber", *SUBTYPES, "No_Hemorrhage")
 _NIFTI_NAME = re.compile(r"^(\d+)\.nii(\.gz)?$")
-_JPG_NAME = re.compile(r"^(\d+)\.jpe?g$", re.IGNORECASE)
-_JPG_MASK_NAME = re.compile(r"^(\d+)_HGE_Seg\.jpe?g$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class DiagnosisRow:
-    """One slice of the diagnosis CSV."""
-
-    patient: int
-    slice: int
-    subtypes: tuple[int, ...]
-    no_hemorrhage: int
-    line: int
-
-    @property
-    def hemorrhage(self) -> int:
-        return 1 - self.no_hemorrhage
-
-
-@dataclass(frozen=True)
-class _Slice:
-    """A converted slice before it becomes a labels.csv row."""
-
-    patient: int
-    row: DiagnosisRow
-    image: np.ndarray
-    mask: np.ndarray | None  # bool (H,W), None when the patient has no mask file
-
-
-def read_diagnosis_csv(path: Path) -> tuple[dict[tuple[int, int], DiagnosisRow], list[Issue]]:
-    """Read a CT-ICH diagnosis CSV keyed by (patient, slice); duplicates are reported."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: not found; point SRC at the unzipped CT-ICH release folder")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in _REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise DatasetError(
-                f"{path}: missing column(s) {missing} (header is {header}); is this the CT-ICH diagnosis CSV?"
-            )
-        # reader.line_num after each row: the file line to quote in messages
-        raw_rows = [
-            (reader.line_num, {k.strip(): (v or "").strip() for k, v in r.items() if k is not None})
-            for r in reader
-        ]
-    rows: dict[tuple[int, int], DiagnosisRow] = {}
-    issues: list[Issue] = []
-    for i, r in raw_rows:
-        if not any(r.values()):
-            continue  # a row of empty cells
-        values = {c: _binary_or_int(path, i, c, r.get(c, "")) for c in _REQUIRED_COLUMNS}
-        for c in (*SUBTYPES, "No_Hemorrhage"):
-            if values[c] not in (0, 1):
-                raise DatasetError(
-                    f"{path}: line {i}: column '{c}' has value {values[c]}; it must be 0 or 1"
-                )
-        row = DiagnosisRow(
-            patient=values["PatientNumber"],
-            slice=values["SliceNumber"],
-            subtypes=tuple(values[c] for c in SUBTYPES),
-            no_hemorrhage=values["No_Hemorrhage"],
-            line=i,
-        )
-        key = (row.patient, row.slice)
-        if key in rows:
-            same = (
-                rows[key].subtypes == row.subtypes and rows[key].no_hemorrhage == row.no_hemorrhage
-            )
-            issues.append(
-                Issue(
-                    "duplicate_row",
-                    f"{row.patient:03d}",
-                    row.slice,
-                    path.name,
-                    f"line {i} repeats the slice of line {rows[key].line}"
-                    f"{'' if same else ' with different labels'}; the first row is used",
-                )
-            )
-            continue
-        rows[key] = row
-        if (row.no_hemorrhage == 1) == any(row.subtypes):
-            issues.append(
-                Issue(
-                    "row_contradiction",
-                    f"{row.patient:03d}",
-                    row.slice,
-                    path.name,
-                    f"line {i}: No_Hemorrhage={row.no_hemorrhage} but subtypes {dict(zip(SUBTYPES, row.subtypes, strict=True))}; "
-                    "the hemorrhage label follows No_Hemorrhage",
-                )
-            )
-    return rows, issues
-
-
-def _binary_or_int(path: Path, line: int, column: str, value: str) -> int:
-    try:
-        f = float(value)
-    except ValueError:
-        raise DatasetError(
-            f"{path}: line {line}: column '{column}' has value '{value}'; expected an integer"
-        ) from None
-    if f != int(f):
-        raise DatasetError(
-            f"{path}: line {line}: column '{column}' has value '{value}'; expected an integer"
-        )
-    return int(f)
 
 
 def detect_layout(src: Path, layout: str = "auto") -> tuple[Path, str]:
     """Find the release folder under ``src`` and its layout ('nifti' or 'jpg')."""
-    if not src.is_dir():
-        raise DatasetError(
-            f"{src}: source folder not found; point SRC at the unzipped CT-ICH release"
-        )
+    require_source_dir(src, "point SRC at the unzipped CT-ICH release")
     candidates = [
         src,
         *sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -238,10 +137,10 @@ def _iter_nifti(
     windows: tuple[CtWindow, ...],
     issues: list[Issue],
     progress: bool,
-) -> Iterator[_Slice]:
+) -> Iterator[CtIchSlice]:
     cts = _nifti_files(root / "ct_scans")
     masks = _nifti_files(root / "masks")
-    for patient in tqdm(patients, desc="ct-ich", unit="patient", disable=not progress):
+    for patient in progress_of(patients, desc="ct-ich", unit="patient", enabled=progress):
         pid = f"{patient:03d}"
         ct_path = cts[patient]
         ct_img, ct = _load_volume(ct_path)
@@ -303,129 +202,7 @@ def _iter_nifti(
             k = n_slices - s if z_flipped else s - 1
             image = apply_windows(display_slice(ct_can[:, :, k]), windows)
             mask = None if mask_can is None else display_slice(mask_can[:, :, k]) > 0
-            yield _Slice(patient, row, image, mask)
-
-
-def _iter_jpg(
-    root: Path,
-    rows: dict[tuple[int, int], DiagnosisRow],
-    patients: list[int],
-    folders: dict[int, Path],
-    issues: list[Issue],
-    progress: bool,
-) -> Iterator[_Slice]:
-    for patient in tqdm(patients, desc="ct-ich", unit="patient", disable=not progress):
-        pid = f"{patient:03d}"
-        brain = folders[patient] / "brain"
-        images: dict[int, Path] = {}
-        masks: dict[int, Path] = {}
-        for p in sorted(brain.iterdir()) if brain.is_dir() else []:
-            if m := _JPG_NAME.match(p.name):
-                images[int(m.group(1))] = p
-            elif m := _JPG_MASK_NAME.match(p.name):
-                masks[int(m.group(1))] = p
-        patient_rows = {s: r for (p, s), r in rows.items() if p == patient}
-        for s in sorted(set(images) - set(patient_rows)):
-            issues.append(
-                Issue(
-                    "slice_without_row",
-                    pid,
-                    s,
-                    _rel(images[s], root),
-                    f"image has no row in {JPG_CSV}; slice not converted",
-                )
-            )
-        for s in sorted(set(masks) - set(images)):
-            issues.append(
-                Issue(
-                    "mask_without_image",
-                    pid,
-                    s,
-                    _rel(masks[s], root),
-                    "mask file has no image beside it; mask not converted",
-                )
-            )
-        for s in sorted(patient_rows):
-            row = patient_rows[s]
-            if s not in images:
-                issues.append(
-                    Issue(
-                        "row_without_slice",
-                        pid,
-                        s,
-                        JPG_CSV,
-                        f"line {row.line}: no image {pid}/brain/{s}.jpg; row not converted",
-                    )
-                )
-                continue
-            image = _read_gray(images[s])
-            mask = np.zeros(image.shape, dtype=bool)
-            if s in masks:
-                seg = _read_gray(masks[s])
-                if seg.shape != image.shape:
-                    raise DatasetError(
-                        f"{masks[s]}: mask is {seg.shape[1]}x{seg.shape[0]} but {images[s].name} is "
-                        f"{image.shape[1]}x{image.shape[0]}; re-extract the release"
-                    )
-                mask = seg > 127  # JPEG ringing: binarise at mid-gray
-            yield _Slice(patient, row, image, mask)
-
-
-def _read_gray(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
-    except Exception as e:  # PIL raises several types for damaged files
-        raise DatasetError(f"{path}: cannot read image ({e}); re-extract the release") from None
-
-
-def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
-def _check_mask(sl: _Slice, issues: list[Issue], csv_name: str) -> None:
-    if sl.mask is None:
-        return
-    pid, has_fg = f"{sl.patient:03d}", bool(sl.mask.any())
-    if sl.row.hemorrhage and not has_fg:
-        issues.append(
-            Issue(
-                "label_without_mask",
-                pid,
-                sl.row.slice,
-                csv_name,
-                f"line {sl.row.line} says hemorrhage but the mask slice is empty; kept as labelled",
-            )
-        )
-    elif not sl.row.hemorrhage and has_fg:
-        issues.append(
-            Issue(
-                "mask_without_label",
-                pid,
-                sl.row.slice,
-                csv_name,
-                f"line {sl.row.line} says No_Hemorrhage but the mask slice has {int(sl.mask.sum())} pixels; kept as labelled",
-            )
-        )
-
-
-def _mask_for(sl: _Slice, subtypes: bool) -> np.ndarray | None:
-    """The class-index mask to write, or None when the pixels' classes are unknown.
-
-    CT-ICH masks mark hemorrhage without its subtype. With ``subtypes`` a mask is written
-    only where that is unambiguous: a slice with exactly one subtype (all foreground ->
-    that class) or a slice with none and an empty mask (all background).
-    """
-    if sl.mask is None:
-        return None
-    if not subtypes:
-        return sl.mask.astype(np.uint8)
-    present = [i for i, v in enumerate(sl.row.subtypes) if v]
-    if len(present) == 1:
-        return sl.mask.astype(np.uint8) * np.uint8(present[0] + 1)
-    if not present and not sl.mask.any():
-        return np.zeros(sl.mask.shape, dtype=np.uint8)
-    return None
+            yield CtIchSlice(patient, row, image, mask)
 
 
 def convert_ct_ich(
@@ -460,8 +237,7 @@ def convert_ct_ich(
         DatasetError: unreadable or malformed source, or inconsistencies under ``strict``.
     """
     src = Path(src)
-    if patients is not None and patients < 1:
-        raise ConfigError(f"--patients is {patients}; give a positive number of patients")
+    check_first_n(patients)
     root, layout = detect_layout(src, layout)
     if layout == "nifti":  # before anything is written
         import_optional("nibabel", "camseg-data ct-ich (the NIfTI release)")
@@ -473,17 +249,55 @@ def convert_ct_ich(
     wins = parse_windows(windows or DEFAULT_WINDOWS) if not isinstance(windows, tuple) else windows
     csv_name = NIFTI_CSV if layout == "nifti" else JPG_CSV
     rows, issues = read_diagnosis_csv(root / csv_name)
+    volumes, where = (
+        (_nifti_files(root / "ct_scans"), "ct_scans")
+        if layout == "nifti"
+        else (patient_folders(root), "Patients_CT")
+    )
+    selected = _select_patients(root, rows, volumes, where, csv_name, issues)[:patients]
 
-    if layout == "nifti":
-        volumes = _nifti_files(root / "ct_scans")
-        where = "ct_scans"
-    else:
-        volumes = {
-            int(p.name): p
-            for p in (root / "Patients_CT").iterdir()
-            if p.is_dir() and p.name.isdigit()
-        }
-        where = "Patients_CT"
+    classes = [s.lower() for s in SUBTYPES] if subtypes else ["hemorrhage"]
+    with conversion("ct-ich", out, strict=strict, progress=progress, issues=issues) as conv:
+        slices = (
+            _iter_nifti(root, rows, selected, wins, conv.issues, progress)
+            if layout == "nifti"
+            else iter_jpg_slices(root, rows, selected, volumes, conv.issues, progress)
+        )
+        for sl in slices:
+            check_mask(sl, conv.issues, csv_name)
+            name = f"{sl.patient:03d}_{sl.row.slice:03d}.png"
+            save_png_atomic(conv.stage / "images" / name, np.ascontiguousarray(sl.image))
+            mask = mask_for(sl, subtypes)
+            if mask is not None:
+                save_png_atomic(conv.stage / "masks" / name, np.ascontiguousarray(mask))
+            labels = list(sl.row.subtypes) if subtypes else [sl.row.hemorrhage]
+            conv.rows.append(
+                [
+                    f"images/{name}",
+                    f"masks/{name}" if mask is not None else "",
+                    f"{sl.patient:03d}",
+                    sl.row.slice,
+                    *labels,
+                ]
+            )
+        conv.finish(
+            header=["image", "mask", "group", "slice", *classes],
+            classes=classes,
+            readme=lambda: _readme(layout, wins, subtypes, conv.rows, classes, conv.issues),
+            positives_fix="convert more patients (--patients) or drop --subtypes",
+        )
+    return out
+
+
+def _select_patients(
+    root: Path,
+    rows: dict[tuple[int, int], DiagnosisRow],
+    volumes: dict[int, Path],
+    where: str,
+    csv_name: str,
+    issues: list[Issue],
+) -> list[int]:
+    """Patients with both a volume and CSV rows, sorted; the others are reported."""
     if not volumes:
         raise DatasetError(
             f"{root / where}: no patient volumes (NNN.nii or NNN/ folders); re-extract the release"
@@ -505,54 +319,12 @@ def convert_ct_ich(
                 "volume_without_rows",
                 f"{p:03d}",
                 None,
-                _rel(volumes[p], root),
+                rel_path(volumes[p], root),
                 f"volume has no rows in {csv_name}; not converted",
             )
         )
     selected = sorted(set(volumes) & csv_patients)
-    if patients is not None:
-        selected = selected[:patients]
-
-    classes = [s.lower() for s in SUBTYPES] if subtypes else ["hemorrhage"]
-    header = ["image", "mask", "group", "slice", *classes]
-    out_rows: list[list[object]] = []
-    with staged_output(out) as stage:
-        slices = (
-            _iter_nifti(root, rows, selected, wins, issues, progress)
-            if layout == "nifti"
-            else _iter_jpg(root, rows, selected, volumes, issues, progress)
-        )
-        for sl in slices:
-            _check_mask(sl, issues, csv_name)
-            name = f"{sl.patient:03d}_{sl.row.slice:03d}.png"
-            save_png_atomic(stage / "images" / name, np.ascontiguousarray(sl.image))
-            mask = _mask_for(sl, subtypes)
-            if mask is not None:
-                save_png_atomic(stage / "masks" / name, np.ascontiguousarray(mask))
-            labels = list(sl.row.subtypes) if subtypes else [sl.row.hemorrhage]
-            out_rows.append(
-                [
-                    f"images/{name}",
-                    f"masks/{name}" if mask is not None else "",
-                    f"{sl.patient:03d}",
-                    sl.row.slice,
-                    *labels,
-                ]
-            )
-        if strict:
-            raise_if_strict(issues, out, "ct-ich")
-        finish(
-            stage,
-            header=header,
-            rows=out_rows,
-            classes=classes,
-            issues=issues,
-            readme=_readme(layout, wins, subtypes, out_rows, classes, issues),
-            positives_fix="convert more patients (--patients) or drop --subtypes",
-        )
-    if progress:
-        print_summary("ct-ich", out, out_rows, issues)
-    return out
+    return selected
 
 
 def _readme(
@@ -588,19 +360,18 @@ def _readme(
         f"- {mask_note}\n"
         f"- classes: {', '.join(f'{c} ({n} positive)' for c, n in pos.items())}\n"
         "- `group` = patient number, `slice` = the CSV's SliceNumber (1-based)\n"
-        f"- inconsistencies in the source: {len(issues)}"
-        f"{' (see conversion_report.csv)' if issues else ''}\n"
+        f"{issues_note(issues)}"
     )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_converter_parser(
+        subparsers,
         "ct-ich",
         help="PhysioNet CT-ICH (NIfTI or JPG release) -> camseg folder format",
         description="Convert PhysioNet CT-ICH v1.3.1 to the camseg folder format (one PNG per slice).",
+        src_help="unzipped CT-ICH release folder",
     )
-    p.add_argument("src", type=Path, metavar="SRC", help="unzipped CT-ICH release folder")
-    p.add_argument("--out", type=Path, required=True, help="destination dataset root")
     p.add_argument("--layout", choices=("auto", "nifti", "jpg"), default="auto")
     p.add_argument(
         "--windows",
@@ -614,20 +385,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="five subtype classes instead of 'hemorrhage' (masks only where unambiguous)",
     )
     p.add_argument("--patients", type=int, default=None, metavar="N", help="first N patients only")
-    add_output_options(p, strict=True)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    convert_ct_ich(
-        args.src,
-        args.out,
-        windows=args.windows,
-        subtypes=args.subtypes,
-        layout=args.layout,
-        patients=args.patients,
-        strict=args.strict,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    return 0
+    p.set_defaults(func=cli_runner(convert_ct_ich, "windows", "subtypes", "layout", "patients"))

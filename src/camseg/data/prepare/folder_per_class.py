@@ -1,7 +1,9 @@
 """Folder-per-class datasets (``SRC/<class>/<image>``) -> camseg folder format.
 
-Optional masks sit beside their image with a suffix: ``img.png`` + ``img_mask.png``, and
-``img_mask_1.png``, ``img_mask_2.png``, ... when one image has several (merged by union).
+Two layouts are read (:mod:`~camseg.data.prepare.folder_layouts`): images directly in the
+class folder, optional masks beside them with a suffix (``img.png`` + ``img_mask.png``, and
+``img_mask_1.png``, ``img_mask_2.png``, ... when one image has several, merged by union); or
+``<class>/images/`` + ``<class>/masks/`` (or ``mask/``), masks matched by file stem.
 A class declared negative (``--negative-class normal``) gets all class columns 0 and an
 all-zero mask. The mask value of a positive image is the 1-based index of its class among
 the non-negative classes in sorted order.
@@ -11,44 +13,38 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from camseg.data.prepare.common import (
-    IMAGE_EXTENSIONS,
     Issue,
-    add_output_options,
+    add_converter_parser,
     check_out_dir,
-    finish,
-    print_summary,
-    raise_if_strict,
-    staged_output,
+    cli_runner,
+    conversion,
+    issues_note,
+    require_source_dir,
 )
+from camseg.data.prepare.folder_layouts import (
+    IMAGES_DIRS,
+    LAYOUTS_HELP,
+    MASKS_DIRS,
+    Item,
+    natural_key,
+    scan_class,
+)
+from camseg.data.progress import progress as progress_of
 from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import read_image, save_png_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-@dataclass
-class _Item:
-    cls: str
-    image: Path
-    masks: list[Path] = field(default_factory=list)
-
-
 def safe_id(stem: str) -> str:
     """File-name-safe id: runs of characters other than letters, digits, ``._-`` become ``_``."""
     return _UNSAFE.sub("_", stem).strip("_") or "image"
-
-
-def natural_key(text: str) -> list[object]:
-    """Sort key that orders ``img2`` before ``img10``."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
 
 
 def read_binary_mask(path: Path) -> np.ndarray:
@@ -70,67 +66,7 @@ def read_binary_mask(path: Path) -> np.ndarray:
     return arr > threshold
 
 
-def _scan_class(
-    folder: Path, cls: str, mask_suffix: str | None, issues: list[Issue]
-) -> list[_Item]:
-    files = sorted(
-        (p for p in folder.iterdir() if not p.name.startswith(".")),
-        key=lambda p: natural_key(p.name),
-    )
-    images: dict[str, _Item] = {}
-    mask_files: list[tuple[Path, str]] = []
-    mask_re = (
-        re.compile(rf"^(?P<base>.+?){re.escape(mask_suffix)}(?:_\d+)?$") if mask_suffix else None
-    )
-    for p in files:
-        if p.is_dir():
-            issues.append(
-                Issue(
-                    "nested_folder",
-                    cls,
-                    None,
-                    f"{cls}/{p.name}",
-                    "subfolders are not read; skipped",
-                )
-            )
-            continue
-        if p.suffix.lower() not in IMAGE_EXTENSIONS:
-            issues.append(
-                Issue(
-                    "not_an_image",
-                    cls,
-                    None,
-                    f"{cls}/{p.name}",
-                    f"extension not in {list(IMAGE_EXTENSIONS)}; skipped",
-                )
-            )
-            continue
-        m = mask_re.match(p.stem) if mask_re else None
-        if m is not None:
-            mask_files.append((p, m.group("base")))
-            continue
-        if p.stem in images:
-            raise DatasetError(
-                f"{p}: same name as {images[p.stem].image.name} with another extension; keep one file per image"
-            )
-        images[p.stem] = _Item(cls, p)
-    for p, base in mask_files:
-        if base in images:
-            images[base].masks.append(p)
-        else:
-            issues.append(
-                Issue(
-                    "mask_without_image",
-                    cls,
-                    None,
-                    f"{cls}/{p.name}",
-                    f"no image named '{base}' beside this mask; mask skipped",
-                )
-            )
-    return list(images.values())
-
-
-def _group_of(item: _Item, pattern: re.Pattern[str] | None) -> str | None:
+def _group_of(item: Item, pattern: re.Pattern[str] | None) -> str | None:
     if pattern is None:
         return None
     m = pattern.search(item.image.stem)
@@ -168,54 +104,28 @@ def convert_folder(
         overwrite: replace a non-empty ``out``.
         progress: show a progress bar and print a summary.
     """
-    src = Path(src)
-    if not src.is_dir():
-        raise DatasetError(
-            f"{src}: source folder not found; point SRC at the folder holding one subfolder per class"
-        )
+    src = require_source_dir(Path(src), "point SRC at the folder holding one subfolder per class")
     if mask_suffix == "":
         raise ConfigError(
             "--mask-suffix is empty; give the text between image name and extension, e.g. _mask"
         )
     out = check_out_dir(Path(out), src, overwrite)
-    pattern = None
-    if group_regex:
-        try:
-            pattern = re.compile(group_regex)
-        except re.error as e:
-            raise ConfigError(
-                f"--group-regex '{group_regex}' is not a valid regex ({e}); fix it"
-            ) from None
+    pattern = _compile_group_regex(group_regex)
     folders = sorted(
         (p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")),
         key=lambda p: p.name,
     )
-    names = [p.name for p in folders]
-    unknown = [c for c in negative_classes if c not in names]
-    if unknown:
-        raise DatasetError(
-            f"{src}: --negative-class {unknown} not found; class folders are {names}"
-        )
-    classes = sorted(n for n in names if n not in negative_classes)
-    if not classes:
-        raise DatasetError(
-            f"{src}: no positive class folder (found {names}); add one folder per class"
-        )
-    for c in classes:
-        if c in ("image", "mask", "group", "split", "slice"):
-            raise DatasetError(
-                f"{src / c}: '{c}' is a reserved column name of labels.csv; rename the class folder"
-            )
-
+    classes = _positive_classes(src, [p.name for p in folders], negative_classes)
     issues: list[Issue] = []
-    items: list[_Item] = []
+    items: list[Item] = []
+    with_masks = mask_suffix is not None
     for folder in folders:
-        items.extend(_scan_class(folder, folder.name, mask_suffix, issues))
+        found, has_masks = scan_class(folder, mask_suffix, issues)
+        items.extend(found)
+        with_masks |= has_masks
     if not items:
-        raise DatasetError(
-            f"{src}: no image files in the class folders; expected {list(IMAGE_EXTENSIONS)}"
-        )
-    ids: dict[str, _Item] = {}
+        raise DatasetError(f"{src}: no image files in the class folders; {LAYOUTS_HELP}")
+    ids: dict[str, Item] = {}
     for item in items:
         sid = safe_id(item.image.stem)
         if sid in ids:
@@ -225,15 +135,12 @@ def convert_folder(
             )
         ids[sid] = item
 
-    with_masks = mask_suffix is not None
-    header = ["image", *(["mask"] if with_masks else []), "group", *classes]
-    rows: list[list[object]] = []
-    with staged_output(out) as stage:
-        for sid, item in tqdm(
+    with conversion("folder", out, strict=strict, progress=progress, issues=issues) as conv:
+        for sid, item in progress_of(
             sorted(ids.items(), key=lambda kv: natural_key(kv[0])),
             desc="folder",
             unit="image",
-            disable=not progress,
+            enabled=progress,
         ):
             try:
                 image = read_image(item.image)
@@ -241,32 +148,68 @@ def convert_folder(
                 raise DatasetError(
                     f"{item.image}: cannot read image ({e}); re-export or remove it"
                 ) from None
-            save_png_atomic(stage / "images" / f"{sid}.png", image)
+            save_png_atomic(conv.stage / "images" / f"{sid}.png", image)
             labels = [int(item.cls == c) for c in classes]
             row: list[object] = [f"images/{sid}.png"]
             if with_masks:
-                row.append(_write_mask(stage, sid, item, image.shape[:2], classes, issues))
-            rows.append([*row, _group_of(item, pattern) or sid, *labels])
-        if strict:
-            raise_if_strict(issues, out, "folder")
-        finish(
-            stage,
-            header=header,
-            rows=rows,
+                row.append(
+                    _write_mask(conv.stage, sid, item, image.shape[:2], classes, conv.issues)
+                )
+            conv.rows.append([*row, _group_of(item, pattern) or sid, *labels])
+        conv.finish(
+            header=["image", *(["mask"] if with_masks else []), "group", *classes],
             classes=classes,
-            issues=issues,
-            readme=_readme(src, classes, negative_classes, rows, with_masks, issues),
+            readme=lambda: _readme(
+                src, classes, negative_classes, conv.rows, with_masks, conv.issues
+            ),
             positives_fix="add images to that class folder or remove the folder",
         )
-    if progress:
-        print_summary("folder", out, rows, issues)
     return out
+
+
+def _compile_group_regex(group_regex: str | None) -> re.Pattern[str] | None:
+    if not group_regex:
+        return None
+    try:
+        return re.compile(group_regex)
+    except re.error as e:
+        raise ConfigError(
+            f"--group-regex '{group_regex}' is not a valid regex ({e}); fix it"
+        ) from None
+
+
+def _positive_classes(
+    src: Path, names: list[str], negative_classes: tuple[str, ...] | list[str]
+) -> list[str]:
+    """The class columns: the folders not declared negative, sorted; reserved names refused."""
+    lower = {n.lower() for n in names}
+    if lower & set(IMAGES_DIRS) and lower & set(MASKS_DIRS):
+        raise DatasetError(
+            f"{src}: holds images/ and masks/ folders, the inside of one class; point SRC at the "
+            f"folder above the class folders ({LAYOUTS_HELP})"
+        )
+    unknown = [c for c in negative_classes if c not in names]
+    if unknown:
+        raise DatasetError(
+            f"{src}: --negative-class {unknown} not found; class folders are {names}"
+        )
+    classes = sorted(n for n in names if n not in negative_classes)
+    if not classes:
+        raise DatasetError(
+            f"{src}: no positive class folder (found {names}); add one folder per class; {LAYOUTS_HELP}"
+        )
+    for c in classes:
+        if c in ("image", "mask", "group", "split", "slice"):
+            raise DatasetError(
+                f"{src / c}: '{c}' is a reserved column name of labels.csv; rename the class folder"
+            )
+    return classes
 
 
 def _write_mask(
     stage: Path,
     sid: str,
-    item: _Item,
+    item: Item,
     shape: tuple[int, ...],
     classes: list[str],
     issues: list[Issue],
@@ -330,22 +273,24 @@ def _readme(
         f"{', '.join(f'{c} ({i})' for i, c in enumerate(classes, start=1))}; "
         f"negative folders: {', '.join(negatives) or 'none'}\n"
         f"- masks: {'0 background, k = class k' if with_masks else 'none'}\n"
-        f"- inconsistencies: {len(issues)}{' (see conversion_report.csv)' if issues else ''}\n"
+        f"{issues_note(issues, 'inconsistencies')}"
     )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_converter_parser(
+        subparsers,
         "folder",
         help="folder-per-class images (+ optional masks) -> camseg folder format",
-        description="Convert SRC/<class>/<image> folders to the camseg folder format.",
+        description="Convert SRC/<class>/<image> folders, or SRC/<class>/images/ + "
+        "SRC/<class>/masks/, to the camseg folder format.",
+        src_help="folder with one subfolder per class",
     )
-    p.add_argument("src", type=Path, metavar="SRC", help="folder with one subfolder per class")
-    p.add_argument("--out", type=Path, required=True, help="destination dataset root")
     p.add_argument(
         "--mask-suffix",
         default=None,
-        help="masks beside images: <stem><suffix>[_<n>].<ext>, e.g. _mask (several merged by union)",
+        help="masks beside images: <stem><suffix>[_<n>].<ext>, e.g. _mask (several merged by "
+        "union); with images/ + masks/ folders, one more suffix to recognise",
     )
     p.add_argument(
         "--negative-class",
@@ -359,19 +304,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="regex for the patient id in the file name (named group 'group', else group 1)",
     )
-    add_output_options(p, strict=True)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    convert_folder(
-        args.src,
-        args.out,
-        mask_suffix=args.mask_suffix,
-        negative_classes=tuple(args.negative_class),
-        group_regex=args.group_regex,
-        strict=args.strict,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+    p.set_defaults(
+        func=cli_runner(
+            convert_folder, "mask_suffix", "group_regex", negative_classes="negative_class"
+        )
     )
-    return 0

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from tqdm import tqdm
 
 from camseg.data.prepare.common import (
-    add_output_options,
+    add_converter_parser,
+    check_first_n,
     check_out_dir,
-    finish,
-    print_summary,
-    staged_output,
+    cli_runner,
+    conversion,
+    require_source_dir,
 )
-from camseg.errors import ConfigError, DatasetError
+from camseg.data.progress import progress as progress_of
+from camseg.errors import DatasetError
 from camseg.utils.io import save_png_atomic
 
 HEADER = ("image", "mask", "group", "slice", "tumor")
@@ -96,13 +97,8 @@ def convert_lgg_mri(
         overwrite: replace a non-empty ``out``.
         progress: show a progress bar and print a summary.
     """
-    src = Path(src)
-    if not src.is_dir():
-        raise DatasetError(
-            f"{src}: source folder not found; point SRC at the unzipped Kaggle download"
-        )
-    if patients is not None and patients < 1:
-        raise ConfigError(f"--patients is {patients}; give a positive number of patients")
+    src = require_source_dir(Path(src), "point SRC at the unzipped Kaggle download")
+    check_first_n(patients)
     root = find_kaggle_root(src)
     out = check_out_dir(Path(out), src, overwrite)
     cases = sorted(p for p in root.iterdir() if p.is_dir() and _CASE.match(p.name))
@@ -110,45 +106,47 @@ def convert_lgg_mri(
         chosen = sorted({patient_of(c.name) for c in cases})[:patients]
         cases = [c for c in cases if patient_of(c.name) in chosen]
 
-    rows: list[list[object]] = []
-    with staged_output(out) as stage:
-        for case_dir in tqdm(cases, desc="lgg-mri", unit="patient", disable=not progress):
-            case, group = case_dir.name, patient_of(case_dir.name)
+    with conversion("lgg-mri", out, progress=progress) as conv:
+        for case_dir in progress_of(cases, desc="lgg-mri", unit="patient", enabled=progress):
             for n, image_path, mask_path in case_slices(case_dir):
-                image, mask = _read_tif(image_path), _read_tif(mask_path)
-                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                    raise DatasetError(
-                        f"{image_path}: expected an RGB uint8 image, got shape {image.shape} {image.dtype}; "
-                        "is this the Kaggle kaggle_3m folder?"
-                    )
-                if mask.ndim == 3:
-                    mask = mask.max(axis=2)
-                if mask.shape != image.shape[:2]:
-                    raise DatasetError(
-                        f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                        f"{image.shape[1]}x{image.shape[0]}; re-extract the download"
-                    )
-                fg = mask > 0
-                name = f"{case}_{n:03d}.png"
-                save_png_atomic(stage / "images" / name, np.ascontiguousarray(image))
-                save_png_atomic(stage / "masks" / name, fg.astype(np.uint8))
-                rows.append([f"images/{name}", f"masks/{name}", group, n, int(fg.any())])
-        if not rows:
+                conv.rows.append(
+                    _convert_slice(conv.stage, case_dir.name, n, image_path, mask_path)
+                )
+        if not conv.rows:
             raise DatasetError(
                 f"{root}: the case folders hold no <case>_<n>.tif slices; re-extract the download"
             )
-        finish(
-            stage,
+        conv.finish(
             header=HEADER,
-            rows=rows,
             classes=["tumor"],
-            issues=[],
-            readme=_readme(rows),
+            readme=lambda: _readme(conv.rows),
             positives_fix="convert more patients (--patients)",
         )
-    if progress:
-        print_summary("lgg-mri", out, rows, [])
     return out
+
+
+def _convert_slice(
+    stage: Path, case: str, n: int, image_path: Path, mask_path: Path
+) -> list[object]:
+    """Write one slice's image and mask into ``stage``; return its labels.csv row."""
+    image, mask = _read_tif(image_path), _read_tif(mask_path)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise DatasetError(
+            f"{image_path}: expected an RGB uint8 image, got shape {image.shape} {image.dtype}; "
+            "is this the Kaggle kaggle_3m folder?"
+        )
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    if mask.shape != image.shape[:2]:
+        raise DatasetError(
+            f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"{image.shape[1]}x{image.shape[0]}; re-extract the download"
+        )
+    fg = mask > 0
+    name = f"{case}_{n:03d}.png"
+    save_png_atomic(stage / "images" / name, np.ascontiguousarray(image))
+    save_png_atomic(stage / "masks" / name, fg.astype(np.uint8))
+    return [f"images/{name}", f"masks/{name}", patient_of(case), n, int(fg.any())]
 
 
 def _readme(rows: list[list[object]]) -> str:
@@ -168,26 +166,15 @@ def _readme(rows: list[list[object]]) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_converter_parser(
+        subparsers,
         "lgg-mri",
         help="Kaggle LGG brain MRI (kaggle_3m) -> camseg folder format",
         description="Convert the Kaggle LGG MRI segmentation download (kaggle_3m) to the camseg folder format.",
+        src_help="kaggle_3m or a folder above it",
+        strict=False,
     )
-    p.add_argument("src", type=Path, metavar="SRC", help="kaggle_3m or a folder above it")
-    p.add_argument("--out", type=Path, required=True, help="destination dataset root")
     p.add_argument(
         "--patients", type=int, default=None, metavar="N", help="first N patients (sorted) only"
     )
-    add_output_options(p, strict=False)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    convert_lgg_mri(
-        args.src,
-        args.out,
-        patients=args.patients,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    return 0
+    p.set_defaults(func=cli_runner(convert_lgg_mri, "patients"))

