@@ -181,6 +181,7 @@ NEUTRAL: dict[str, Any] = {
     "cam.weights": None,
     "seg.monitor_mode": "auto",
     "seg.skip_unlabelled": False,
+    "data.windows": None,
 }
 
 

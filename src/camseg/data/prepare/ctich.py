@@ -40,6 +40,7 @@ from camseg.data.prepare.common import (
     staged_output,
 )
 from camseg.data.prepare.windowing import CtWindow, apply_windows, parse_windows
+from camseg.data.preprocess import display_slice
 from camseg.errors import ConfigError, DatasetError
 from camseg.optional import import_optional
 from camseg.utils.io import save_png_atomic
@@ -183,11 +184,6 @@ def detect_layout(src: Path, layout: str = "auto") -> tuple[Path, str]:
     raise DatasetError(
         f"{src}: no {wanted} folder here or one level down; point SRC at the CT-ICH release folder"
     )
-
-
-def display_slice(canonical_xy: np.ndarray) -> np.ndarray:
-    """RAS+ axial slice ``A[x, y]`` -> image with row 0 anterior, column 0 patient right."""
-    return canonical_xy.T[::-1, ::-1]
 
 
 def _canonical(img: nib.Nifti1Image, data: np.ndarray, what: Path) -> tuple[np.ndarray, bool]:
