@@ -124,10 +124,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "camseg-cam") -> None:
         logits = model(t)
     probs = torch.sigmoid(logits) if hp.get("multilabel", True) else logits.softmax(1)
     k = model.num_classes
-    cams = engine(t, torch.ones(1, k)).float()
-    cams = torch.nn.functional.interpolate(
-        cams, size=raw.shape[:2], mode="bilinear", align_corners=False
-    )[0].numpy()
+    maps = torch.nn.functional.interpolate(
+        engine(t, torch.ones(1, k)).float(),
+        size=raw.shape[:2],
+        mode="bilinear",
+        align_corners=False,
+    )
+    cams = maps[0].numpy()
     names = list(record.class_names) or [f"class {i}" for i in range(k)]
     tiles = [to_rgb(raw)] + [cam_overlay(raw, cams[i]) for i in range(k)]
     scores = probs[0].tolist()

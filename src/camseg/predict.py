@@ -303,6 +303,8 @@ def run(argv: list[str]) -> int:
     if imgs and model.context_slices:
         more = f" and {len(imgs) - 1} more" if len(imgs) > 1 else ""
         raise CamsegError(model.preprocess.refuse_2d(f"ckpt={args['ckpt']}: {imgs[0]}{more}"))
+    if vols and not model.preprocess.windows:
+        raise CamsegError(f"ckpt={args['ckpt']}: {model.preprocess.refuse_volume()}")
     out.mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Path, str]] = []
     if imgs:
@@ -312,8 +314,6 @@ def run(argv: list[str]) -> int:
         try:
             rows += predict_volume(model, v, root, out, batch)
         except CamsegError as e:
-            if "records no CT windows" in str(e):  # the same for every volume: stop now
-                raise
             failed.append((v, str(e).removeprefix(f"{v}: ")))
     if rows:
         write_text_atomic(out / VOLUMES_CSV, csv_text(VOLUME_COLUMNS, rows))

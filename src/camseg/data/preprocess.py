@@ -246,6 +246,12 @@ class Preprocessing:
             "volume or a DICOM series instead"
         )
 
+    def refuse_volume(self) -> str:
+        return (
+            "the model records no CT windows (it was not trained on windowed CT); give 2D "
+            "images, or windows=... to say how Hounsfield units map to its input"
+        )
+
     def volume_inputs(self, slices_hu: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Display-oriented HU slices (Z of (H,W)) -> Z inputs uint8 (H,W,in_channels).
 
@@ -254,10 +260,7 @@ class Preprocessing:
         from camseg.data.prepare.windowing import apply_windows
 
         if not self.windows:
-            raise PreprocessError(
-                "the model records no CT windows (it was not trained on windowed CT); "
-                "give 2D images, or windows=... to say how Hounsfield units map to its input"
-            )
+            raise PreprocessError(self.refuse_volume())
         planes = []
         for hu in slices_hu:
             p = apply_windows(hu, self.windows)
