@@ -71,7 +71,18 @@ def test_the_checkpoints_size_mean_and_std_are_used(
     ckpt = classifier_checkpoint(tmp_path / "cls.ckpt", record)
     seen = record_inputs(monkeypatch)
     out = tmp_path / "cam.png"
-    main(["--ckpt", str(ckpt), "--image", str(image), "--method", "gradcampp", "--out", str(out)])
+    args = [
+        "--ckpt",
+        str(ckpt),
+        "--image",
+        str(image),
+        "--out",
+        str(out),
+        "--scales",
+        "1",
+        "--no-flip",
+    ]
+    main([*args, "--method", "gradcampp"])
     assert seen[0].shape == (1, 1, 40, 40)  # not the old silent 128 px
     np.testing.assert_allclose(
         seen[0][0, 0].numpy(), expected_input(image, 40, 0.1, 0.4), atol=1e-5
@@ -91,7 +102,17 @@ def test_an_old_checkpoint_uses_its_run_config_and_says_so(
     )
     seen = record_inputs(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="camseg"):
-        main(["--ckpt", str(ckpt), "--image", str(image), "--out", str(tmp_path / "c.png")])
+        main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--image",
+                str(image),
+                "--out",
+                str(tmp_path / "c.png"),
+                "--no-flip",
+            ]
+        )
     np.testing.assert_allclose(
         seen[0][0, 0].numpy(), expected_input(image, 48, 0.2, 0.3), atol=1e-5
     )

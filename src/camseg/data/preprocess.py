@@ -409,17 +409,3 @@ def record_datamodule(hparams: MutableMapping[str, Any], trainer: Any) -> None:
 def describe_windows(windows: Sequence[CtWindow]) -> str:
     """``"lung (-600/1500)"``: for messages."""
     return ", ".join(f"{w.name} ({w.center:g}/{w.width:g})" for w in windows) or "none"
-
-
-__all__ = [
-    "LEGACY_WINDOWS",
-    "RECORD_KEY",
-    "PreprocessError",
-    "Preprocessing",
-    "context_indices",
-    "describe_windows",
-    "display_slice",
-    "from_hparams",
-    "record_datamodule",
-    "to_channels",
-]
