@@ -35,11 +35,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("camseg.pseudo",),
     ("camseg.seg",),
     ("camseg.audit",),
+    # camseg-predict's input readers: volumes (NIfTI, DICOM series), then the argument checks.
+    ("camseg.predict_volumes",),
+    ("camseg.predict_inputs",),
     # The case-by-case report: the HTML page, then the evaluation and markdown over it.
     ("camseg.report_html",),
     ("camseg.report_cases",),
     # Entry points over the stages.
-    ("camseg.report", "camseg.multirun", "camseg.predict"),
+    ("camseg.report", "camseg.multirun", "camseg.predict", "camseg.cam_cli"),
     ("camseg.pipeline",),
     ("camseg.app",),
 ]
@@ -49,7 +52,7 @@ MAX_LINES = 400
 LONG_FILES: dict[str, str] = {
     "camseg/data/datamodule.py": "preprocessing moves to one object (issue 16 item 5)",
     "camseg/data/folder.py": "labels.csv reading and checking; to split by job",
-    "camseg/predict.py": "preprocessing moves to one object (issue 16 item 5)",
+    "camseg/data/preprocess.py": "the preprocessing record and its eval transforms; to split by job",
     "camseg/fingerprint.py": "its module docstring is the key policy (about 40 lines); to split by job",
 }
 

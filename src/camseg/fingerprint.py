@@ -184,6 +184,7 @@ NEUTRAL: dict[str, Any] = {
     "cam.weights": None,
     "seg.monitor_mode": "auto",
     "seg.skip_unlabelled": False,
+    "data.windows": None,
 }
 
 

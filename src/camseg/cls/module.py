@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 )
 
 from camseg.checkpoints import plain_data
+from camseg.data.preprocess import record_datamodule
 from camseg.models.classifier import CamClassifier
 
 SPLITS = ("train", "val", "test")
@@ -108,6 +109,9 @@ class ClassifierModule(L.LightningModule):
         multilabel: sigmoid + BCE (True) or softmax + CE (False; one positive per image).
         pos_weight: BCE positive weights per class (multi-label only), e.g. (1-f)/f.
         net_config: the config that built ``net`` (stored in the checkpoint).
+        preprocess: the preprocessing record (``Preprocessing.to_dict()``) stored in the
+            checkpoint for ``camseg-predict`` and ``camseg-cam``; when None, the fitting
+            DataModule's ``preprocess`` is recorded at setup.
         channels_last: run convolutions in channels-last memory format.
     """
 
@@ -120,6 +124,7 @@ class ClassifierModule(L.LightningModule):
         multilabel: bool = True,
         pos_weight: Sequence[float] | None = None,
         net_config: dict | None = None,
+        preprocess: dict | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -171,6 +176,7 @@ class ClassifierModule(L.LightningModule):
         return self.net(x)
 
     def setup(self, stage: str) -> None:
+        record_datamodule(self.hparams, self._trainer)
         # Here rather than in on_fit_start so that validate/test/predict runs get it too.
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from camseg.data.folder import DatasetIndex, Sample, load_index
+from camseg.data.preprocess import Preprocessing, context_indices, to_channels
 from camseg.data.splits import assign_splits
 from camseg.data.transforms import build_transforms
 from camseg.errors import ConfigError, DatasetError
@@ -42,22 +43,6 @@ class Item:
     neighbours: tuple[Path, ...] = ()
 
 
-def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
-    """(H,W) or (H,W,C) uint8 -> (H,W,channels): grey repeated, RGB averaged to grey."""
-    if img.ndim == 2:
-        img = img[..., None]
-    c = img.shape[2]
-    if c == channels:
-        return img
-    if channels == 1:
-        return img.mean(axis=2, keepdims=True).round().astype(np.uint8)
-    if c == 1:
-        return np.repeat(img, channels, axis=2)
-    raise DatasetError(
-        f"cannot turn a {c}-channel image into {channels} channels; set data.in_channels to 1 or {c}"
-    )
-
-
 class SampleDataset(Dataset):
     """Reads items; returns a dict of tensors.
 
@@ -70,10 +55,7 @@ class SampleDataset(Dataset):
         self,
         items: Sequence[Item],
         transform: Any,
-        in_channels: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        context_slices: int = 0,
+        preprocess: Preprocessing,
         full_res: bool = False,
         augment_seed: int | None = None,
     ) -> None:
@@ -86,23 +68,10 @@ class SampleDataset(Dataset):
         # epoch sits in shared memory so that persistent DataLoader workers see it change.
         self.augment_seed = augment_seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self.context_slices = context_slices
-        views = 2 * context_slices + 1
-        if in_channels % views:
-            raise ConfigError(
-                f"data.in_channels={in_channels} is not a multiple of the {views} slices of data.context_slices={context_slices}"
-            )
-        self.base_channels = in_channels // views
-        self.in_channels = in_channels
-        m = np.asarray(mean, dtype=np.float32).reshape(-1)
-        s = np.asarray(std, dtype=np.float32).reshape(-1)
-        if m.size not in (1, self.base_channels) or s.size not in (1, self.base_channels):
-            raise ConfigError(
-                f"data.mean/std need 1 or {self.base_channels} values, got {m.size}/{s.size}"
-            )
-        # Normalisation constants per input channel (stacked slices share them).
-        self.mean = np.tile(np.broadcast_to(m, (self.base_channels,)), views) * 255.0
-        self.std = np.tile(np.broadcast_to(s, (self.base_channels,)), views) * 255.0
+        self.preprocess = preprocess
+        self.context_slices = preprocess.context_slices
+        self.base_channels = preprocess.channels
+        self.in_channels = preprocess.in_channels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -152,7 +121,7 @@ class SampleDataset(Dataset):
         if self.augment_seed is not None:
             self.transform.set_random_seed(sample_seed(self.augment_seed, int(self._epoch), i))
         out = self.transform(image=image, mask=mask)
-        img = (out["image"].astype(np.float32) - self.mean) / self.std
+        img = self.preprocess.normalise(out["image"])
         sample = {
             "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(),
@@ -225,7 +194,7 @@ def neighbour_paths(index: DatasetIndex, context_slices: int) -> dict[str, tuple
         ordered = [ss[j] for j in order]
         n = len(ordered)
         for pos, s in enumerate(ordered):
-            idx = [min(max(pos + d, 0), n - 1) for d in range(-context_slices, context_slices + 1)]
+            idx = context_indices(pos, n, context_slices)
             out[s.id] = tuple(index.path(ordered[j].image) for j in idx)
     return out
 
@@ -244,6 +213,9 @@ class CamSegDataModule(L.LightningDataModule):
         batch_size, num_workers, pin_memory: DataLoader settings.
         val_fraction, test_fraction, split_seed: patient-level split.
         mean, std: per-channel normalisation of [0,1] intensities.
+        windows: the CT windows (names such as ``lung`` or ``C/W`` in HU) that made the
+            images, one per slice channel; recorded for ``camseg-predict`` to apply to
+            NIfTI and DICOM input (the images on disk are already windowed).
         train_transforms: albumentations (or ``_target_`` configs) for training batches.
         predict_split: the split whose CAMs stage 2 computes (``train``, or ``all``).
         max_image_pixels: above this many pixels an image's float maps (CAMs, logits,
@@ -270,6 +242,7 @@ class CamSegDataModule(L.LightningDataModule):
         split_seed: int = 0,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.25,),
+        windows: Sequence[str] | str | None = None,
         train_transforms: Sequence[Any] | None = None,
         predict_split: str = "train",
         synthetic: dict | None = None,
@@ -291,6 +264,7 @@ class CamSegDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed = split_seed
         self.mean, self.std = list(mean), list(std)
+        self.windows = windows if windows is None or isinstance(windows, str) else list(windows)
         self.train_augmentations = list(train_transforms or [])
         if predict_split not in ("train", "val", "test", "all"):
             raise ConfigError(f"data.predict_split='{predict_split}': use train, val, test or all")
@@ -337,6 +311,23 @@ class CamSegDataModule(L.LightningDataModule):
             self.setup()
         assert self.index is not None
         return self.index.classes
+
+    @property
+    def preprocess(self) -> Preprocessing:
+        """The preprocessing record of this data (checked; class names need the index)."""
+        return replace(self.input_preprocess, class_names=tuple(self.classes))
+
+    @property
+    def input_preprocess(self) -> Preprocessing:
+        """The record without class names (needs no dataset index); ConfigError if inconsistent."""
+        return Preprocessing.from_config(
+            self.image_size,
+            self.in_channels,
+            self.context_slices,
+            self.mean,
+            self.std,
+            self.windows,
+        )
 
     @property
     def num_classes(self) -> int:
@@ -388,14 +379,7 @@ class CamSegDataModule(L.LightningDataModule):
             self.image_size, self.train_augmentations if train else None, seed=seed
         )
         return SampleDataset(
-            self.items(split, masks),
-            tf,
-            self.in_channels,
-            self.mean,
-            self.std,
-            self.context_slices,
-            full_res,
-            augment_seed=seed,
+            self.items(split, masks), tf, self.input_preprocess, full_res, augment_seed=seed
         )
 
     def _loader(

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camseg.checkpoints import plain_data
+from camseg.data.preprocess import record_datamodule
 from camseg.seg.losses import build_loss
 from camseg.seg.metrics import SegMetrics, group_ids
 from camseg.utils.io import read_image, save_png_atomic
@@ -47,6 +48,9 @@ class SegmenterModule(L.LightningModule):
         loss: ``build_loss`` keyword arguments (``name``, weights, ...).
         optimizer, scheduler: Hydra partials.
         net_config: what built ``net`` (stored for ``camseg-predict``).
+        preprocess: the preprocessing record (``Preprocessing.to_dict()``) stored in the
+            checkpoint for ``camseg-predict`` and ``camseg-cam``; when None, the fitting
+            DataModule's ``preprocess`` is recorded at setup.
         predictions_dir: where test predictions and overlays are written (None: not written).
         overlays: how many test images get an overlay.
     """
@@ -60,6 +64,7 @@ class SegmenterModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         net_config: dict | None = None,
         data_config: dict | None = None,
+        preprocess: dict | None = None,
         predictions_dir: str | None = None,
         overlays: int = 16,
         channels_last: bool = False,
@@ -89,6 +94,9 @@ class SegmenterModule(L.LightningModule):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        record_datamodule(self.hparams, self._trainer)
 
     def on_fit_start(self) -> None:
         if self.channels_last:

@@ -52,6 +52,7 @@ from camseg.data.prepare.ctich_labels import (
     read_diagnosis_csv,
 )
 from camseg.data.prepare.windowing import CtWindow, apply_windows, parse_windows
+from camseg.data.preprocess import display_slice
 from camseg.data.progress import progress as progress_of
 from camseg.errors import DatasetError
 from camseg.optional import import_optional
@@ -82,11 +83,6 @@ def detect_layout(src: Path, layout: str = "auto") -> tuple[Path, str]:
     raise DatasetError(
         f"{src}: no {wanted} folder here or one level down; point SRC at the CT-ICH release folder"
     )
-
-
-def display_slice(canonical_xy: np.ndarray) -> np.ndarray:
-    """RAS+ axial slice ``A[x, y]`` -> image with row 0 anterior, column 0 patient right."""
-    return canonical_xy.T[::-1, ::-1]
 
 
 def _canonical(img: nib.Nifti1Image, data: np.ndarray, what: Path) -> tuple[np.ndarray, bool]:
