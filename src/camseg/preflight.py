@@ -64,7 +64,7 @@ RULES: tuple[Rule, ...] = (
     Rule("cam.scorecam_batch_size", int, 1),
     Rule("pseudo.fg_threshold", float, 0, 1),
     Rule("pseudo.bg_threshold", float, 0, 1),
-    Rule("pseudo.min_component_size", int, 0),
+    Rule("pseudo.min_component_size", float, 0, 1),  # a fraction of the image area
     Rule("pseudo.overlays", int, 0),
     Rule("pseudo.batch_size", int, 1, nullable=True),
     Rule("seg.batch_size", int, 1, nullable=True),

@@ -65,8 +65,9 @@ def build_policy(cfg: DictConfig, multilabel: bool) -> PseudoMaskPolicy:
         fg_threshold=float(p.fg_threshold),
         bg_threshold=float(p.bg_threshold),
         multilabel=multilabel,
-        min_component_size=int(p.get("min_component_size", 0)),
+        min_component_size=float(p.get("min_component_size", 0)),
         crf=crf,  # type: ignore[arg-type]
+        threshold_rule=str(p.get("threshold_rule", "absolute")),
     )
 
 
