@@ -74,6 +74,8 @@ RULES: tuple[Rule, ...] = (
     Rule("seg.rounds", int, 1),
     Rule("seg.self_training_confidence", float, 0, 1),
     Rule("seg.overlays", int, 0),
+    Rule("cv.folds", int, 2),
+    Rule("cv.fold", int, 0, nullable=True),
 )
 # Lists whose every element follows the rule (the key names the list).
 LIST_RULES: tuple[Rule, ...] = (
