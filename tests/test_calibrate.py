@@ -56,7 +56,9 @@ def test_background_threshold_keeps_missed_lesion_pixels_low() -> None:
     cams = cams.clone()
     cams[:, 0, 5, 5:9] = 0.15  # a quarter of the lesion pixels (4 of 16) is dim
     val.groups[0] = (cams, labels, images, gt)
-    grid = Grid(rules=("absolute",), min_component_sizes=(0.0,), max_missed_as_background=0.1, **NO_CRF)
+    grid = Grid(
+        rules=("absolute",), min_component_sizes=(0.0,), max_missed_as_background=0.1, **NO_CRF
+    )
     found = search(val, grid, PseudoMaskPolicy(), with_crf=False)
     missed = {r["bg_threshold"]: r["missed_as_background"] for r in found["bg_search"]}
     assert missed[0.3] == pytest.approx(0.25) and missed[0.2] == pytest.approx(0.25)
@@ -95,8 +97,13 @@ def test_bad_grids_are_one_line_config_errors(node: dict, message: str) -> None:
 
 
 def test_calibrate_mode() -> None:
-    assert [calibrate_mode(v) for v in (False, True, "auto", None)] == ["false", "true", "auto", "false"]
-    with pytest.raises(ConfigError, match="pseudo.calibrate=yes: use true, false or auto"):
+    assert [calibrate_mode(v) for v in (False, True, "auto", None)] == [
+        "false",
+        "true",
+        "auto",
+        "false",
+    ]
+    with pytest.raises(ConfigError, match=r"pseudo\.calibrate=yes: use true, false or auto"):
         calibrate_mode("yes")
 
 
@@ -202,7 +209,9 @@ def test_without_validation_masks(trained, tmp_path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with pytest.raises(CamsegError, match="pseudo.calibrate=true: no validation image .* ground-truth mask"):
+    with pytest.raises(
+        CamsegError, match=r"pseudo\.calibrate=true: no validation image .* ground-truth mask"
+    ):
         run_pipeline(_cfg(root, data, "stages=[pseudo]", "pseudo.calibrate=true", "force=true"))
     run_pipeline(_cfg(root, data, "stages=[pseudo]", "pseudo.calibrate=auto", "force=true"))
     manifest = json.loads((root / "runs/t/pseudo/manifest.json").read_text())

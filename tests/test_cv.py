@@ -72,10 +72,10 @@ def test_bad_folds_are_config_errors() -> None:
     samples = _samples(patients=4)
     with pytest.raises(ConfigError, match="need folds >= 2 and 0 <= fold < folds"):
         cv_split(samples, 5, 5, 0.15, 0)
-    with pytest.raises(ConfigError, match="cv.folds=5: only 4 patients"):
+    with pytest.raises(ConfigError, match=r"cv\.folds=5: only 4 patients"):
         cv_split(samples, 5, 0, 0.15, 0)
     fixed = [s if s.group != "P01" else Sample(**{**s.__dict__, "split": "test"}) for s in samples]
-    with pytest.raises(ConfigError, match="labels.csv fixes the split of 1 patient"):
+    with pytest.raises(ConfigError, match=r"labels\.csv fixes the split of 1 patient"):
         cv_split(fixed, 2, 0, 0.15, 0)
 
 

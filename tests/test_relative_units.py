@@ -84,7 +84,7 @@ def test_crf_kernel_widths_reach_the_library_in_pixels_of_the_image(monkeypatch)
     pytest.importorskip("pydensecrf.densecrf")
     from camseg.cam import crf as crf_module
 
-    dcrf, utils = crf_module.import_densecrf()
+    _, utils = crf_module.import_densecrf()
     seen: list[tuple[float, float]] = []
     real = utils.create_pairwise_bilateral
 

@@ -109,7 +109,10 @@ def bootstrap_interval(
         "resamples": samples,
         "level": level,
         "dice": dataset_dice(counts),
-        "dice_interval": [float(np.percentile(pooled_dice, lo)), float(np.percentile(pooled_dice, hi))],
+        "dice_interval": [
+            float(np.percentile(pooled_dice, lo)),
+            float(np.percentile(pooled_dice, hi)),
+        ],
         "patient_dice_mean": float(per_patient.mean()),
         "patient_dice_interval": [
             float(np.percentile(mean_dice, lo)),
@@ -166,7 +169,10 @@ def summarize(run_root: Path, seed: int = 0) -> tuple[Path, Path] | None:
         groups = sorted(per_patient)
         boot = bootstrap_interval(np.stack([per_patient[g] for g in groups]), seed=seed)
         boot["patient_dice"] = {
-            g: float(v) for g, v in zip(groups, patient_dice(np.stack([per_patient[g] for g in groups])), strict=True)
+            g: float(v)
+            for g, v in zip(
+                groups, patient_dice(np.stack([per_patient[g] for g in groups])), strict=True
+            )
         }
     summary = {"run": str(run_root), "folds": rows, "mean_sd": overall, "bootstrap": boot}
     write_json_atomic(run_root / "cv_summary.json", summary)
@@ -195,7 +201,12 @@ def render(summary: dict[str, Any]) -> str:
     ms = summary["mean_sd"]
     cells = [
         f"{_f(ms[m]['mean'])} ± {_f(ms[m]['sd'])}"
-        for m in ("pseudo_dice_train", "seg_test_dice", "seg_test_iou", "seg_test_patient_dice_mean")
+        for m in (
+            "pseudo_dice_train",
+            "seg_test_dice",
+            "seg_test_iou",
+            "seg_test_patient_dice_mean",
+        )
     ]
     lines.append(f"| **mean ± sd** | {cells[0]} | | {cells[1]} | {cells[2]} | {cells[3]} |")
     boot = summary.get("bootstrap")

@@ -141,7 +141,9 @@ def _positive_pattern(ss: list[Sample]) -> tuple[int, ...]:
     return tuple(int(any(s.labels[k] for s in ss)) for k in range(len(ss[0].labels)))
 
 
-def cv_folds_of(groups: dict[str, list[Sample]], folds: int, seed: int | Sequence[int]) -> list[list[str]]:
+def cv_folds_of(
+    groups: dict[str, list[Sample]], folds: int, seed: int | Sequence[int]
+) -> list[list[str]]:
     """The patients of each fold: disjoint, covering every patient, sizes within one.
 
     Patients are shuffled (seeded) within strata of "has a positive of class k" patterns
@@ -169,7 +171,9 @@ def cv_split(
     the validation patients (``val_fraction`` of all patients) are drawn from the others
     (stratified, seeded by the seed and the fold), the rest train."""
     if folds < 2 or not 0 <= fold < folds:
-        raise ConfigError(f"cv.folds={folds}, cv.fold={fold}: need folds >= 2 and 0 <= fold < folds")
+        raise ConfigError(
+            f"cv.folds={folds}, cv.fold={fold}: need folds >= 2 and 0 <= fold < folds"
+        )
     groups: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         groups[s.group].append(s)
@@ -181,7 +185,9 @@ def cv_split(
             "or drop cv.fold"
         )
     if len(groups) < folds:
-        raise ConfigError(f"cv.folds={folds}: only {len(groups)} patients; use at most that many folds")
+        raise ConfigError(
+            f"cv.folds={folds}: only {len(groups)} patients; use at most that many folds"
+        )
     base = list(seed) if isinstance(seed, Sequence) else [int(seed)]
     test = set(cv_folds_of(groups, folds, base)[fold])
     rest = [s for s in samples if s.group not in test]

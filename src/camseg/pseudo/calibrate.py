@@ -100,7 +100,9 @@ def collect_validation(cfg: DictConfig, dm: Any, model: Any, engine: Any) -> Val
     dataset.items = [it for it in dataset.items if it.id in by_id]
     loader = dm._loader(dataset, shuffle=False, batch_size=int(dm.eval_batch_size), split="val")
     device = _device(cfg)
-    module = CamPredictModule(model, engine, PseudoMaskPolicy(), max_image_pixels=dm.max_image_pixels)
+    module = CamPredictModule(
+        model, engine, PseudoMaskPolicy(), max_image_pixels=dm.max_image_pixels
+    )
     module.to(device)
     module.on_predict_start()
     by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, ...]]] = {}
@@ -111,7 +113,9 @@ def collect_validation(cfg: DictConfig, dm: Any, model: Any, engine: Any) -> Val
             s = by_id[sid]
             h, w = cams.shape[-2:]
             image = resize_area(read_image(dm.index.path(s.image)), h, w)
-            image_t = torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(2, 0, 1)
+            image_t = torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(
+                2, 0, 1
+            )
             gt = resize_nearest(read_mask(dm.index.path(s.mask)), h, w)
             key = (h, w, image_t.shape[0])
             by_shape.setdefault(key, []).append(
@@ -156,7 +160,9 @@ def calibrate_if_asked(
     if mode == "false":
         return None
     node = p.get("calibration")
-    grid = Grid.from_config(OmegaConf.to_container(node, resolve=True) if node is not None else None)  # type: ignore[arg-type]
+    grid = Grid.from_config(
+        OmegaConf.to_container(node, resolve=True) if node is not None else None
+    )  # type: ignore[arg-type]
     fp = _fingerprint(cfg, run, dm)
     cached = run.pseudo / FILENAME
     if cached.is_file() and not cfg.get("force", False):

@@ -89,7 +89,9 @@ class Grid:
                 raise ConfigError(f"pseudo.calibration.crf_bg_powers: {v} must be > 0")
 
     def describe(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     def size(self, with_crf: bool) -> int:
         crfs = 1 + (len(self.crf_bg_powers) if with_crf else 0)
@@ -184,7 +186,9 @@ def search(
             for i, fg in enumerate(fgs):
                 masks = [
                     threshold_cams(p, present_mask(lab, p.shape[0]), t[i], t[i])
-                    for p, t, (_, lab, _, _) in zip(probs_groups, per_group, val.groups, strict=True)
+                    for p, t, (_, lab, _, _) in zip(
+                        probs_groups, per_group, val.groups, strict=True
+                    )
                 ]
                 for size in grid.min_component_sizes:
                     cleaned = [remove_small_components(m, size) if size > 0 else m for m in masks]
@@ -202,9 +206,16 @@ def search(
     crf = crfs[[None if c is None else c.bg_power for c in crfs].index(top["crf_bg_power"])]
     bg_rows = []
     chosen = None
-    for bg in sorted((b for b in set(grid.bg_thresholds) if b <= top["fg_threshold"]), reverse=True):
+    for bg in sorted(
+        (b for b in set(grid.bg_thresholds) if b <= top["fg_threshold"]), reverse=True
+    ):
         policy = PseudoMaskPolicy(
-            top["fg_threshold"], bg, configured.multilabel, top["min_component_size"], crf, top["rule"]
+            top["fg_threshold"],
+            bg,
+            configured.multilabel,
+            top["min_component_size"],
+            crf,
+            top["rule"],
         )
         result = evaluate(val, post, policy)
         bg_rows.append({"bg_threshold": bg, **result})
