@@ -218,3 +218,24 @@ def test_without_validation_masks(trained, tmp_path: Path) -> None:
     assert manifest["calibration"]["status"] == "skipped"
     assert manifest["policy"]["fg_threshold"] == 0.3  # the configured policy
     assert "NOT calibrated" in (root / "runs/t/report.md").read_text()
+
+
+def test_stages_recorded_before_the_new_keys_stay_valid() -> None:
+    """cv.*, threshold_rule and calibration.* at their defaults behave as their absence did."""
+    from camseg import fingerprint
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=lgg_mri"])
+    new_keys = ("data.cv_", "pseudo.threshold_rule", "pseudo.calibrat")
+    for stage in ("cls", "pseudo", "seg"):
+        now = fingerprint.stage_config(stage, cfg)
+        before = {k: v for k, v in now.items() if not k.startswith(new_keys)}
+        assert fingerprint.diff(before, now) == []
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=["experiment=lgg_mri", "cv.fold=1", "pseudo.calibrate=true"]
+        )
+    now = fingerprint.stage_config("pseudo", cfg)
+    before = {k: v for k, v in now.items() if not k.startswith(new_keys)}
+    changed = {c.key for c in fingerprint.diff(before, now)}
+    assert {"data.cv_fold", "pseudo.calibrate"} <= changed

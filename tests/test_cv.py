@@ -160,3 +160,38 @@ def test_a_patient_tested_in_two_folds_is_refused(kit, tmp_path: Path) -> None:
     _fake_fold(run, 1, data, ["P00", "P01"], lambda gt: gt)
     with pytest.raises(ValueError, match="patient P00 is a test patient of two folds"):
         summarize(run)
+
+
+@pytest.mark.slow
+def test_cv_multirun_end_to_end(tmp_path: Path) -> None:
+    """`camseg -m ... cv.folds=2 cv.fold=0,1`: two fold runs, then cv_summary at the end."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "camseg.app",
+        "-m",
+        "debug=fast",
+        f"paths.root_dir={tmp_path}",
+        "run_name=cv",
+        "data.synthetic.patients=8",
+        "data.synthetic.slices_per_patient=4",
+        "data.synthetic.size=48",
+        "seg.encoder_name=resnet18",
+        "pseudo.min_positive_coverage=0",
+        "cv.folds=2",
+        "cv.fold=0,1",
+    ]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cross-validation summary written to" in done.stdout
+    run = tmp_path / "runs" / "cv"
+    for k in (0, 1):
+        assert (run / f"fold{k}" / "seg" / "metrics.json").is_file()
+    summary = json.loads((run / "cv_summary.json").read_text())
+    assert [r["fold"] for r in summary["folds"]] == [0, 1]
+    assert all(r["complete"] and r["seg_test_dice"] is not None for r in summary["folds"])
+    # every patient with a mask is a test patient of exactly one fold
+    assert summary["bootstrap"]["patients"] == 8
