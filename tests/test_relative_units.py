@@ -8,6 +8,7 @@ they had before.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,29 @@ def test_crf_kernel_widths_reach_the_library_in_pixels_of_the_image(monkeypatch)
         image, cam = _scene(size)
         policy(cam, torch.tensor([[1]]), image)
     assert seen == [(20.0, 20.0), (10.0, 10.0)]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "pseudo.min_component_size=20",
+            "pseudo.min_component_size=20: a fraction of the image area",
+        ),
+        (
+            "pseudo.crf.bilateral_sxy=40",
+            "pseudo.crf.bilateral_sxy=40.0: a fraction of the image side",
+        ),
+        ("pseudo.calibrate=yes", "pseudo.calibrate=yes: use true, false or auto"),
+        ("pseudo.calibration.fg_thresholds=[2]", "pseudo.calibration.fg_thresholds: 2.0 is not in"),
+    ],
+)
+def test_preflight_refuses_pixels_before_stage_one(override: str, message: str) -> None:
+    from camseg.preflight import check_config
+
+    extra = ["pseudo.calibrate=true"] if "calibration." in override else []
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=lgg_mri", override, *extra])
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        check_config(cfg)
+    assert "\n" not in str(info.value)

@@ -64,7 +64,6 @@ RULES: tuple[Rule, ...] = (
     Rule("cam.scorecam_batch_size", int, 1),
     Rule("pseudo.fg_threshold", float, 0, 1),
     Rule("pseudo.bg_threshold", float, 0, 1),
-    Rule("pseudo.min_component_size", float, 0, 1),  # a fraction of the image area
     Rule("pseudo.overlays", int, 0),
     Rule("pseudo.batch_size", int, 1, nullable=True),
     Rule("seg.batch_size", int, 1, nullable=True),
@@ -180,6 +179,9 @@ def check_config(cfg: DictConfig) -> None:
             f"pseudo.bg_threshold={bg} > pseudo.fg_threshold={fg}: "
             "bg_threshold must be <= fg_threshold"
         )
+    from camseg.pseudo.units import config_errors  # relative units, pseudo.calibrate (no torch)
+
+    errors += config_errors(cfg)
     val, test = values.get("data.val_fraction"), values.get("data.test_fraction")
     if val is not None and test is not None and float(val) + float(test) >= 1:
         errors.append(

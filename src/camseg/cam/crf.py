@@ -21,6 +21,7 @@ import torch
 
 from camseg.errors import ConfigError
 from camseg.optional import MissingPackageError, import_optional
+from camseg.pseudo.units import KERNEL_WIDTHS, check_kernel_width
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,8 @@ class CRFConfig:
         for field in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb", "bg_power"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"pseudo.crf.{field}={getattr(self, field)}: must be > 0")
-        for field in ("gaussian_sxy", "bilateral_sxy"):
-            if getattr(self, field) > 1:
-                raise ConfigError(
-                    f"pseudo.crf.{field}={getattr(self, field)}: a fraction of the image side in "
-                    f"(0, 1], not pixels (e.g. 3 px of a 256 px image: {3 / 256:.4g})"
-                )
+        for field in KERNEL_WIDTHS:
+            check_kernel_width(field, getattr(self, field))
         for field in ("gaussian_compat", "bilateral_compat"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"pseudo.crf.{field}={getattr(self, field)}: must be >= 0")

@@ -19,11 +19,7 @@ from camseg.cam.base import present_mask
 from camseg.cam.crf import CRFConfig, crf_refine, import_densecrf
 from camseg.constants import BACKGROUND, IGNORE_INDEX
 from camseg.errors import ConfigError
-
-# absolute: map >= t. max_fraction: map >= t x the image's maximum of that class's map.
-# mass_quantile: map >= the value below which the image's dimmest pixels hold a fraction t of
-# the map's total mass (t = 0.3: the brightest pixels holding 70 % of the mass are foreground).
-THRESHOLD_RULES = ("absolute", "max_fraction", "mass_quantile")
+from camseg.pseudo.units import THRESHOLD_RULES, check_min_component_size
 
 
 def present_peak(cams: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,17 +118,6 @@ def remove_small_components(mask: torch.Tensor, min_fraction: float) -> torch.Te
         small[0] = False
         m[small[components]] = IGNORE_INDEX
     return torch.from_numpy(m).to(mask.device)
-
-
-def check_min_component_size(value: float) -> float:
-    """``pseudo.min_component_size`` as a fraction of the image area in [0, 1), or a ConfigError."""
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(
-            f"pseudo.min_component_size={value:g}: a fraction of the image area in [0, 1) "
-            f"(e.g. 20 px of a 512x512 image: {20 / 512**2:.3g}), not pixels"
-        )
-    return value
 
 
 class PseudoMaskPolicy:

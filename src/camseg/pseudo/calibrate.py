@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from camseg import fingerprint
 from camseg.cam import PseudoMaskPolicy
-from camseg.errors import CamsegError, ConfigError
+from camseg.errors import CamsegError
 from camseg.optional import MissingPackageError
 from camseg.overlap import confusion_counts
-from camseg.pseudo.calibrate_search import Grid, ValidationSet, search
+from camseg.pseudo.calibrate_search import ValidationSet, search
+from camseg.pseudo.units import Grid, calibrate_mode
 from camseg.rundir import RunDir
 from camseg.utils.io import (
     read_image,
@@ -63,14 +64,6 @@ class Calibration:
                 plot_search(self.record, out_dir / PLOT)
             except ImportError:  # matplotlib is optional for the plot alone
                 log.info("calibration: matplotlib missing, no %s", PLOT)
-
-
-def calibrate_mode(value: Any) -> str:
-    """``pseudo.calibrate`` as ``"false"``, ``"true"`` or ``"auto"``, or a ConfigError."""
-    text = str(value).lower() if value is not None else "false"
-    if text not in ("false", "true", "auto"):
-        raise ConfigError(f"pseudo.calibrate={value}: use true, false or auto")
-    return text
 
 
 def _device(cfg: DictConfig) -> torch.device:

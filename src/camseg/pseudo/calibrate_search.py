@@ -10,7 +10,6 @@ the policy), and every threshold rule, threshold and clean-up size reuses its po
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,83 +18,15 @@ import torch
 from camseg.cam.base import present_mask
 from camseg.cam.crf import CRFConfig, crf_refine
 from camseg.cam.policy import (
-    THRESHOLD_RULES,
     PseudoMaskPolicy,
-    check_min_component_size,
     mass_quantiles,
     remove_small_components,
     rule_thresholds,
     threshold_cams,
 )
 from camseg.constants import BACKGROUND
-from camseg.errors import ConfigError
 from camseg.overlap import confusion_counts, scores
-
-
-@dataclass(frozen=True)
-class Grid:
-    """What ``pseudo.calibrate`` searches (``pseudo.calibration.*``).
-
-    Every combination of a CRF candidate (none, or the base CRF with each of
-    ``crf_bg_powers``), a threshold rule, a foreground threshold and a clean-up size is
-    scored by validation Dice; the background threshold, which Dice cannot see (ignore
-    and background both count as "not foreground"), is then the largest candidate below
-    the chosen foreground threshold that labels at most ``max_missed_as_background`` of
-    the validation lesion pixels as background.
-    """
-
-    rules: tuple[str, ...] = THRESHOLD_RULES
-    fg_thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-    bg_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
-    min_component_sizes: tuple[float, ...] = (0.0, 1e-4, 5e-4)
-    crf_bg_powers: tuple[float, ...] = (0.25, 0.5, 1.0)
-    max_missed_as_background: float = 0.05
-
-    @classmethod
-    def from_config(cls, node: Mapping[str, Any] | None) -> Grid:
-        node = dict(node or {})
-        unknown = sorted(set(node) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"pseudo.calibration: unknown key(s) {unknown}")
-        grid = cls(
-            **{
-                k: (tuple(float(x) for x in v) if k != "rules" else tuple(str(x) for x in v))
-                if isinstance(v, Iterable) and not isinstance(v, str)
-                else float(v)
-                for k, v in node.items()
-            }
-        )
-        grid.check()
-        return grid
-
-    def check(self) -> None:
-        for rule in self.rules:
-            if rule not in THRESHOLD_RULES:
-                raise ConfigError(
-                    f"pseudo.calibration.rules: '{rule}' is not one of {list(THRESHOLD_RULES)}"
-                )
-        for name in ("rules", "fg_thresholds", "bg_thresholds", "min_component_sizes"):
-            if not getattr(self, name):
-                raise ConfigError(f"pseudo.calibration.{name} is empty; give at least one value")
-        for name in ("fg_thresholds", "bg_thresholds", "max_missed_as_background"):
-            values = getattr(self, name)
-            for v in values if isinstance(values, tuple) else (values,):
-                if not 0.0 <= v <= 1.0:
-                    raise ConfigError(f"pseudo.calibration.{name}: {v} is not in [0, 1]")
-        for v in self.min_component_sizes:
-            check_min_component_size(v)
-        for v in self.crf_bg_powers:
-            if v <= 0:
-                raise ConfigError(f"pseudo.calibration.crf_bg_powers: {v} must be > 0")
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
-
-    def size(self, with_crf: bool) -> int:
-        crfs = 1 + (len(self.crf_bg_powers) if with_crf else 0)
-        return crfs * len(self.rules) * len(self.fg_thresholds) * len(self.min_component_sizes)
+from camseg.pseudo.units import Grid
 
 
 @dataclass
