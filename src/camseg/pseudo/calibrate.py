@@ -109,10 +109,10 @@ def collect_validation(cfg: DictConfig, dm: Any, model: Any, engine: Any) -> Val
             image_t = torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(
                 2, 0, 1
             )
-            gt = resize_nearest(read_mask(dm.index.path(s.mask)), h, w)
+            truth = resize_nearest(read_mask(dm.index.path(s.mask)), h, w)
             key = (h, w, image_t.shape[0])
             by_shape.setdefault(key, []).append(
-                (cams.float(), labels.float(), image_t, torch.from_numpy(gt))
+                (cams.float(), labels.float(), image_t, torch.from_numpy(truth))
             )
     groups = [
         tuple(torch.stack([item[j] for item in items]) for j in range(4))
@@ -153,9 +153,8 @@ def calibrate_if_asked(
     if mode == "false":
         return None
     node = p.get("calibration")
-    grid = Grid.from_config(
-        OmegaConf.to_container(node, resolve=True) if node is not None else None
-    )  # type: ignore[arg-type]
+    grid_node = OmegaConf.to_container(node, resolve=True) if node is not None else None
+    grid = Grid.from_config(grid_node)  # type: ignore[arg-type]
     fp = _fingerprint(cfg, run, dm)
     cached = run.pseudo / FILENAME
     if cached.is_file() and not cfg.get("force", False):
