@@ -251,10 +251,20 @@ def plot_search(record: dict[str, Any], path: Any) -> None:
         line = best.setdefault((r["crf_bg_power"], r["rule"]), {})
         line[r["fg_threshold"]] = max(line.get(r["fg_threshold"], 0.0), r["dice"])
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    powers = sorted({p for p, _ in best}, key=str)
+    styles = ["-", "--", ":", "-."]
+    markers = {"absolute": "o", "max_fraction": "s", "mass_quantile": "^"}
     for (power, rule), points in sorted(best.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         xs = sorted(points)
         label = f"{rule}, " + ("no CRF" if power is None else f"CRF bg_power {power:g}")
-        ax.plot(xs, [points[x] for x in xs], marker="o", ms=3, label=label)
+        ax.plot(
+            xs,
+            [points[x] for x in xs],
+            ls=styles[powers.index(power) % len(styles)],
+            marker=markers.get(rule, "o"),
+            ms=3,
+            label=label,
+        )
     chosen = record["chosen"]
     ax.axvline(chosen["fg_threshold"], color="grey", ls=":", lw=1)
     ax.set_xlabel("fg_threshold (under the rule)")
