@@ -72,6 +72,8 @@ def test_threshold_edges_are_inclusive_for_foreground() -> None:
             "pseudo.bg_threshold=0.4 > pseudo.fg_threshold=0.2: bg_threshold must be <= fg",
         ),
         ({"min_component_size": -3}, "pseudo.min_component_size=-3"),
+        ({"min_component_size": 20}, "pseudo.min_component_size=20: a fraction of the image area"),
+        ({"threshold_rule": "otsu"}, "pseudo.threshold_rule='otsu': choose one of"),
         ({"crf": {"iterations": 0}}, "pseudo.crf.iterations=0"),
     ],
 )
@@ -88,7 +90,7 @@ def test_small_components_become_ignore_not_background() -> None:
     cams[0, 1, 0:3, 9:12] = 1.0  # 9 px blob of class 2: kept
     cams[1, 0, 0:2, 0:3] = 1.0  # 6 px in the other image: removed (no bridging across images)
     labels = torch.tensor([[1, 1], [1, 0]])
-    policy = PseudoMaskPolicy(fg_threshold=0.5, bg_threshold=0.1, min_component_size=8)
+    policy = PseudoMaskPolicy(fg_threshold=0.5, bg_threshold=0.1, min_component_size=8 / 144)
     mask = policy(cams, labels)
     assert (mask[0, 0:2, 0:2] == 255).all()
     assert (mask[0, 5:10, 5:10] == 1).all()
@@ -104,10 +106,21 @@ def test_components_are_per_class_and_eight_connected() -> None:
     mask = torch.zeros(1, 6, 6, dtype=torch.uint8)
     mask[0, 0, 0] = mask[0, 1, 1] = mask[0, 2, 2] = 1  # diagonal: one 3 px component
     mask[0, 3:5, 3:5] = 2  # touches class 1 diagonally but is its own 4 px component
-    out = remove_small_components(mask, min_size=4)
+    out = remove_small_components(mask, min_fraction=4 / 36)
     assert (out[0, 3:5, 3:5] == 2).all()
     assert out[0, 0, 0] == out[0, 1, 1] == out[0, 2, 2] == 255
-    assert (remove_small_components(mask, min_size=3) == mask).all()
+    assert (remove_small_components(mask, min_fraction=3 / 36) == mask).all()
+
+
+def test_min_component_size_is_relative_to_the_image_area() -> None:
+    """The same blob, at 12 px and at twice the resolution, meets the same fate."""
+    small = torch.zeros(1, 12, 12, dtype=torch.uint8)
+    small[0, 2:4, 2:5] = 1  # 6 px = 4.2 % of the image
+    large = small.repeat_interleave(2, 1).repeat_interleave(2, 2)  # 24 px of 576
+    for fraction, kept in ((0.05, False), (0.04, True)):
+        for mask in (small, large):
+            out = remove_small_components(mask, min_fraction=fraction)
+            assert bool((out == 1).any()) is kept, (fraction, mask.shape)
 
 
 def test_policy_accepts_crf_settings_as_mapping_or_flag() -> None:
@@ -117,3 +130,41 @@ def test_policy_accepts_crf_settings_as_mapping_or_flag() -> None:
     assert PseudoMaskPolicy(crf=False).crf is None
     described = PseudoMaskPolicy(crf=True).describe()
     assert described["crf"]["iterations"] == CRFConfig().iterations
+
+
+def test_max_fraction_rule_thresholds_each_image_by_its_own_maximum() -> None:
+    cams = torch.zeros(2, 1, 1, 4)
+    cams[0, 0, 0] = torch.tensor([0.5, 0.3, 0.2, 0.01])  # maximum 0.5
+    cams[1, 0, 0] = torch.tensor([1.0, 0.6, 0.4, 0.01])  # maximum 1.0
+    policy = PseudoMaskPolicy(fg_threshold=0.5, bg_threshold=0.1, threshold_rule="max_fraction")
+    mask = policy(cams, torch.tensor([[1], [1]]))
+    # fg >= 0.25 / 0.5, bg < 0.05 / 0.1
+    assert mask[0, 0].tolist() == [1, 1, 255, 0]
+    assert mask[1, 0].tolist() == [1, 1, 255, 0]
+    absolute = PseudoMaskPolicy(fg_threshold=0.5, bg_threshold=0.1)(cams, torch.tensor([[1], [1]]))
+    assert absolute[0, 0].tolist() == [1, 255, 255, 0]
+
+
+def test_mass_quantile_rule_by_hand() -> None:
+    """Values 4,3,2,1 (mass 10): the 0.3 quantile is 2 (1+2 = 30 % of the mass), the 0.1 one 1."""
+    cams = torch.tensor([[[[0.4, 0.3, 0.2, 0.1]]]])
+    policy = PseudoMaskPolicy(fg_threshold=0.3, bg_threshold=0.1, threshold_rule="mass_quantile")
+    assert policy(cams, torch.tensor([[1]]))[0, 0].tolist() == [1, 1, 1, 255]
+    policy = PseudoMaskPolicy(fg_threshold=0.7, bg_threshold=0.35, threshold_rule="mass_quantile")
+    # 0.7 quantile: 1+2+3 = 60 % < 70 %, so 4; 0.35 quantile: 3
+    assert policy(cams, torch.tensor([[1]]))[0, 0].tolist() == [1, 255, 0, 0]
+
+
+def test_mass_quantile_of_an_empty_map_reads_as_absolute() -> None:
+    cams = torch.zeros(1, 1, 3, 3)
+    policy = PseudoMaskPolicy(fg_threshold=0.3, bg_threshold=0.1, threshold_rule="mass_quantile")
+    assert (policy(cams, torch.tensor([[1]])) == 0).all()
+
+
+def test_per_class_thresholds_pick_the_largest_qualifying_class() -> None:
+    cams = torch.tensor([[[[0.6, 0.2]], [[0.5, 0.25]]]])  # (1,2,1,2)
+    present = torch.tensor([[True, True]])
+    fg = torch.tensor([[0.7, 0.2]])  # class 1 must reach 0.7, class 2 only 0.2
+    bg = torch.tensor([[0.1, 0.1]])
+    assert threshold_cams(cams, present, fg, bg)[0, 0].tolist() == [2, 2]
+    assert threshold_cams(cams, present, 0.3, 0.1)[0, 0].tolist() == [1, 255]

@@ -35,6 +35,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("camseg.pseudo",),
     ("camseg.seg",),
     ("camseg.audit",),
+    # The cross-validation summary (reads finished folds' files).
+    ("camseg.cv",),
     # camseg-predict's input readers: volumes (NIfTI, DICOM series), then the argument checks.
     ("camseg.predict_volumes",),
     ("camseg.predict_inputs",),

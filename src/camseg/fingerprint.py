@@ -185,6 +185,17 @@ NEUTRAL: dict[str, Any] = {
     "seg.monitor_mode": "auto",
     "seg.skip_unlabelled": False,
     "data.windows": None,
+    # issue 12: cross-validation folds, threshold rules, calibration (off by default)
+    "data.cv_folds": 5,
+    "data.cv_fold": None,
+    "pseudo.threshold_rule": "absolute",
+    "pseudo.calibrate": False,
+    "pseudo.calibration.rules": ["absolute", "max_fraction", "mass_quantile"],
+    "pseudo.calibration.fg_thresholds": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+    "pseudo.calibration.bg_thresholds": [0.05, 0.1, 0.2, 0.3],
+    "pseudo.calibration.min_component_sizes": [0.0, 1.0e-4, 5.0e-4],
+    "pseudo.calibration.crf_bg_powers": [0.25, 0.5, 1.0],
+    "pseudo.calibration.max_missed_as_background": 0.05,
 }
 
 

@@ -106,3 +106,10 @@ class SweepSummary(Callback):
         if out is not None:
             log.info("sweep summary: %s", out[1])
             print(f"camseg: sweep summary written to {out[1]}")
+        # Cross-validation (cv.fold=0,1,...): one summary per run whose jobs wrote fold<k>.
+        from camseg.cv import summarize_sweep_runs
+
+        runs = [json.loads(p.read_text())["run_dir"] for p in sweep_dir.glob(f"*/{RESULT_FILE}")]
+        for path in summarize_sweep_runs(runs):
+            log.info("cross-validation summary: %s", path)
+            print(f"camseg: cross-validation summary written to {path}")

@@ -119,6 +119,12 @@ def make_rundir(cfg: DictConfig, stages: list[str]) -> RunDir:
     """
     base = Path(cfg.paths.runs_dir) / str(cfg.run_name)
     sub = cfg.get("output_subdir")
+    fold = (cfg.get("cv") or {}).get("fold")
+    if fold is not None:
+        # Cross-validation: each fold is a run of its own, <run>/fold<k>, in a multirun too.
+        base = base / f"fold{int(fold)}"
+        if not sub:
+            return RunDir(base)
     job = multirun_job()
     if not sub and job is not None:
         sweep_dir, num = job

@@ -67,7 +67,6 @@ RULES: tuple[Rule, ...] = (
     Rule("cam.scorecam_batch_size", int, 1),
     Rule("pseudo.fg_threshold", float, 0, 1),
     Rule("pseudo.bg_threshold", float, 0, 1),
-    Rule("pseudo.min_component_size", int, 0),
     Rule("pseudo.overlays", int, 0),
     Rule("pseudo.batch_size", int, 1, nullable=True),
     Rule("seg.batch_size", int, 1, nullable=True),
@@ -77,6 +76,8 @@ RULES: tuple[Rule, ...] = (
     Rule("seg.rounds", int, 1),
     Rule("seg.self_training_confidence", float, 0, 1),
     Rule("seg.overlays", int, 0),
+    Rule("cv.folds", int, 2),
+    Rule("cv.fold", int, 0, nullable=True),
 )
 # Lists whose every element follows the rule (the key names the list).
 LIST_RULES: tuple[Rule, ...] = (
@@ -181,6 +182,9 @@ def check_config(cfg: DictConfig) -> None:
             f"pseudo.bg_threshold={bg} > pseudo.fg_threshold={fg}: "
             "bg_threshold must be <= fg_threshold"
         )
+    from camseg.pseudo.units import config_errors  # relative units, pseudo.calibrate (no torch)
+
+    errors += config_errors(cfg)
     val, test = values.get("data.val_fraction"), values.get("data.test_fraction")
     if val is not None and test is not None and float(val) + float(test) >= 1:
         errors.append(

@@ -148,6 +148,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
             f"CRF {'on' if pol['crf'] else 'off'}. Classifier sha256 `{manifest['classifier']['sha256'][:16]}…`.",
             "",
         ]
+        lines += calibration_lines(run, manifest.get("calibration"))
         if quality and "sweep" in quality:
             sw = quality["sweep"]
             lines += [
@@ -285,3 +286,54 @@ def _coverage_lines(coverage: dict[str, Any]) -> list[str]:
 
 
 __all__ = ["write_report"]
+
+
+def calibration_lines(run: RunDir, summary: dict[str, Any] | None) -> list[str]:
+    """The policy calibration on the validation patients (pseudo.calibrate), or its absence."""
+    if not summary:
+        return []
+    if summary.get("status") != "calibrated":
+        return [
+            f"**Policy NOT calibrated** (pseudo.calibrate): {summary.get('reason')}; the configured "
+            "policy was applied.",
+            "",
+        ]
+    from camseg.pseudo.calibrate import FILENAME, PLOT, top_rows
+
+    def policy(d: dict[str, Any]) -> str:
+        crf = d.get("crf")
+        return (
+            f"{d.get('threshold_rule', 'absolute')} fg {d['fg_threshold']:g} / bg {d['bg_threshold']:g}, "
+            f"min_component_size {d['min_component_size']:g}, "
+            + ("no CRF" if not crf else f"CRF bg_power {crf['bg_power']:g}")
+        )
+
+    v = summary["validation"]
+    lines = [
+        "### Policy calibration on the validation patients",
+        "",
+        f"{summary['candidates']} policies scored on {v['images']} validation images "
+        f"({v['positives']} positive, {v['patients']} patients; the test patients are never used).",
+        "",
+        "| policy | validation Dice |",
+        "|---|---|",
+        f"| configured: {policy(summary['configured'])} | {_fmt(summary['configured_val_dice'])} |",
+        f"| **chosen**: {policy(summary['chosen'])} | **{_fmt(summary['val_dice'])}** |",
+        "",
+    ]
+    path = run.pseudo / FILENAME
+    record = _load(path)
+    if record and record.get("table"):
+        lines += [
+            "| best candidates: CRF bg_power | rule | fg_threshold | min_component_size | validation Dice |",
+            "|---|---|---|---|---|",
+        ]
+        for r in top_rows(record):
+            power = "off" if r["crf_bg_power"] is None else f"{r['crf_bg_power']:g}"
+            lines.append(
+                f"| {power} | {r['rule']} | {r['fg_threshold']:g} | {r['min_component_size']:g} | {_fmt(r['dice'])} |"
+            )
+        lines += ["", f"The whole search: `pseudo/{FILENAME}`.", ""]
+    if (run.pseudo / PLOT).is_file():
+        lines += [f"![policy calibration](pseudo/{PLOT})", ""]
+    return lines

@@ -4,6 +4,11 @@ Post-processing on the CPU, one image at a time (the CRF library is per image). 
 unary comes from the CAMs of the present classes, with background probability
 ``(1 - max_k CAM_k) ** bg_power``; the pairwise terms are a Gaussian smoothness
 kernel and a bilateral appearance kernel on the image's intensities.
+
+Kernel widths are fractions of the image's side (``sqrt(H*W)`` for a non-square image)
+of the image the CRF runs on, which is the image's original size in stage 2 (or its
+bounded working size above ``data.max_image_pixels``): one recipe then behaves the same
+at 128, 256 or 512 px.
 """
 
 from __future__ import annotations
@@ -16,25 +21,27 @@ import torch
 
 from camseg.errors import ConfigError
 from camseg.optional import MissingPackageError, import_optional
+from camseg.pseudo.units import KERNEL_WIDTHS, check_kernel_width
 
 
 @dataclass(frozen=True)
 class CRFConfig:
-    """Dense-CRF parameters (defaults: IRN's ``crf_inference_label``).
+    """Dense-CRF parameters (defaults: IRN's ``crf_inference_label``, 3 px and 50 px, at 256 px).
 
     Attributes:
         iterations: mean-field iterations.
-        gaussian_sxy, gaussian_compat: smoothness kernel width (px) and weight.
+        gaussian_sxy, gaussian_compat: smoothness kernel width (fraction of the image
+            side) and weight.
         bilateral_sxy, bilateral_srgb, bilateral_compat: appearance kernel widths
-            (px, intensity on a 0..255 scale) and weight.
+            (fraction of the image side; intensity on a 0..255 scale) and weight.
         bg_power: exponent of the background probability ``(1 - max fg)``; above 1
             shrinks the background (IRN's power trick), below 1 grows it.
     """
 
     iterations: int = 10
-    gaussian_sxy: float = 3.0
+    gaussian_sxy: float = 3 / 256
     gaussian_compat: float = 3.0
-    bilateral_sxy: float = 50.0
+    bilateral_sxy: float = 50 / 256
     bilateral_srgb: float = 5.0
     bilateral_compat: float = 10.0
     bg_power: float = 1.0
@@ -45,6 +52,8 @@ class CRFConfig:
         for field in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb", "bg_power"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"pseudo.crf.{field}={getattr(self, field)}: must be > 0")
+        for field in KERNEL_WIDTHS:
+            check_kernel_width(field, getattr(self, field))
         for field in ("gaussian_compat", "bilateral_compat"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"pseudo.crf.{field}={getattr(self, field)}: must be >= 0")
@@ -86,6 +95,8 @@ def crf_refine(
             f"CRF needs images of the CAMs' size: images {tuple(images.shape)}, cams {tuple(cams.shape)}"
         )
     batch, _, height, width = cams.shape
+    side = float(np.sqrt(height * width))
+    gaussian_px, bilateral_px = config.gaussian_sxy * side, config.bilateral_sxy * side
     probs = cams.detach().float().clamp(0, 1).cpu().numpy()
     keep = present.cpu().numpy()
     pixels = _intensity_0_255(images)
@@ -100,10 +111,10 @@ def crf_refine(
         stack /= np.maximum(stack.sum(axis=0, keepdims=True), 1e-8)
         crf = dcrf.DenseCRF2D(width, height, stack.shape[0])
         crf.setUnaryEnergy(np.ascontiguousarray(crf_utils.unary_from_softmax(stack, clip=1e-5)))
-        crf.addPairwiseGaussian(sxy=config.gaussian_sxy, compat=config.gaussian_compat)
+        crf.addPairwiseGaussian(sxy=gaussian_px, compat=config.gaussian_compat)
         channels = pixels.shape[-1]
         bilateral = crf_utils.create_pairwise_bilateral(
-            sdims=(config.bilateral_sxy, config.bilateral_sxy),
+            sdims=(bilateral_px, bilateral_px),
             schan=(config.bilateral_srgb,) * channels,
             img=np.ascontiguousarray(pixels[b]),
             chdim=2,

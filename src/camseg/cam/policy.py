@@ -1,4 +1,10 @@
-"""From normalised CAMs to pseudo-masks: foreground, background and an ignore band."""
+"""From normalised CAMs to pseudo-masks: foreground, background and an ignore band.
+
+Pixel quantities are relative to the image, so one recipe carries across resolutions:
+``min_component_size`` is a fraction of the image's area (and the CRF's kernel widths a
+fraction of its side, see :mod:`camseg.cam.crf`). The thresholds follow one of three rules,
+per image and class (:data:`THRESHOLD_RULES`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from camseg.cam.base import present_mask
 from camseg.cam.crf import CRFConfig, crf_refine, import_densecrf
 from camseg.constants import BACKGROUND, IGNORE_INDEX
 from camseg.errors import ConfigError
+from camseg.pseudo.units import THRESHOLD_RULES, check_min_component_size
 
 
 def present_peak(cams: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,29 +30,78 @@ def present_peak(cams: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tenso
     return peak, (index + 1).to(torch.uint8)
 
 
+def mass_quantiles(maps: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """(B,K,H,W) maps >= 0 and (Q,) fractions in [0,1] -> (Q,B,K) map values.
+
+    Entry q is the smallest map value v such that the pixels below or at v hold at least a
+    fraction ``fractions[q]`` of the map's total mass (mass-weighted quantile). A map with
+    no mass gets the fraction itself (the absolute rule).
+    """
+    flat = maps.flatten(2).float()
+    values, _ = flat.sort(dim=-1)
+    cum = values.cumsum(-1)
+    total = cum[..., -1:]
+    share = cum / total.clamp_min(1e-12)  # (B,K,N) non-decreasing in [0,1]
+    frac = fractions.to(flat)
+    index = torch.searchsorted(
+        share.contiguous(), frac.view(1, 1, -1).expand(*share.shape[:2], -1).contiguous()
+    ).clamp_(max=share.shape[-1] - 1)
+    out = values.gather(-1, index).permute(2, 0, 1)  # (Q,B,K)
+    return torch.where(total[..., 0] > 0, out, frac.view(-1, 1, 1).expand_as(out))
+
+
+def rule_thresholds(maps: torch.Tensor, rule: str, value: float) -> torch.Tensor | float:
+    """The threshold ``value`` under ``rule`` as per-image, per-class map values (B,K)."""
+    if rule == "absolute":
+        return value
+    if rule == "max_fraction":
+        return value * maps.flatten(2).amax(-1)
+    if rule == "mass_quantile":
+        return mass_quantiles(maps, torch.tensor([value]))[0]
+    raise ConfigError(f"pseudo.threshold_rule='{rule}': choose one of {list(THRESHOLD_RULES)}")
+
+
 def threshold_cams(
-    cams: torch.Tensor, present: torch.Tensor, fg_threshold: float, bg_threshold: float
+    cams: torch.Tensor,
+    present: torch.Tensor,
+    fg_threshold: float | torch.Tensor,
+    bg_threshold: float | torch.Tensor,
 ) -> torch.Tensor:
     """(B,K,H,W) maps in [0,1] and (B,K) bool -> (B,H,W) uint8 in {0, 1..K, 255}.
 
-    Foreground k where the largest *present*-class map is >= ``fg_threshold`` (k is
-    its 1-based class index); background where it is < ``bg_threshold`` or where no
-    class is present; ignore (255) in between. Absent classes never win.
+    Foreground k where a *present* class's map is >= its ``fg_threshold`` (k: the largest
+    such map, 1-based); background where every present class's map is < its
+    ``bg_threshold``, or where no class is present; ignore (255) in between. Thresholds
+    are numbers or (B,K) tensors (per image and class). Absent classes never win.
     """
-    peak, label = present_peak(cams, present)
-    ignore = torch.full_like(label, IGNORE_INDEX)
-    background = torch.full_like(label, BACKGROUND)
-    mask = torch.where(peak < bg_threshold, background, ignore)
-    return torch.where(peak >= fg_threshold, label, mask)
+    fg_t = torch.as_tensor(fg_threshold, dtype=cams.dtype, device=cams.device)
+    bg_t = torch.as_tensor(bg_threshold, dtype=cams.dtype, device=cams.device)
+    if fg_t.ndim == 2:
+        fg_t = fg_t[:, :, None, None]
+    if bg_t.ndim == 2:
+        bg_t = bg_t[:, :, None, None]
+    here = present[:, :, None, None].to(cams.device)
+    above = (cams >= fg_t) & here
+    _, index = torch.where(above, cams, -1.0).max(dim=1)
+    label = (index + 1).to(torch.uint8)
+    background = ((cams < bg_t) | ~here).all(dim=1)
+    mask = torch.where(
+        background,
+        torch.full_like(label, BACKGROUND),
+        torch.full_like(label, IGNORE_INDEX),
+    )
+    return torch.where(above.any(dim=1), label, mask)
 
 
-def remove_small_components(mask: torch.Tensor, min_size: int) -> torch.Tensor:
-    """Set foreground components (8-connected, per class) under ``min_size`` px to 255.
+def remove_small_components(mask: torch.Tensor, min_fraction: float) -> torch.Tensor:
+    """Set foreground components (8-connected, per class) under ``min_fraction`` of the
+    image's area to 255.
 
     Small blobs become *ignore*, not background: a CAM blob is weak evidence either
     way. Runs scipy on the CPU over the whole batch at once per class (images are
     stacked along an axis with no connectivity).
     """
+    min_size = float(min_fraction) * mask.shape[-2] * mask.shape[-1]
     if min_size <= 1:
         return mask
     from scipy import ndimage
@@ -70,14 +126,16 @@ class PseudoMaskPolicy:
     0 = background, k = class k (1-based), 255 = ignore. See :func:`threshold_cams`.
 
     Args:
-        fg_threshold: foreground where a present class's map is >= this.
-        bg_threshold: background where every present class's map is < this.
+        fg_threshold: foreground where a present class's map passes this (under ``threshold_rule``).
+        bg_threshold: background where no present class's map reaches this.
         multilabel: kept for the record (the argmax over present classes serves both
             multi-label and multi-class labels).
-        min_component_size: foreground blobs smaller than this (px) become ignore.
+        min_component_size: foreground blobs smaller than this fraction of the image's
+            area become ignore (0: off).
         crf: dense-CRF refinement before thresholding (a :class:`CRFConfig`, a
             mapping of its fields, True for defaults, or None). The thresholds then
             apply to the CRF's posterior probabilities.
+        threshold_rule: how the thresholds read, one of :data:`THRESHOLD_RULES`.
     """
 
     def __init__(
@@ -85,8 +143,9 @@ class PseudoMaskPolicy:
         fg_threshold: float = 0.3,
         bg_threshold: float = 0.05,
         multilabel: bool = True,
-        min_component_size: int = 0,
+        min_component_size: float = 0.0,
         crf: CRFConfig | Mapping[str, Any] | bool | None = None,
+        threshold_rule: str = "absolute",
     ) -> None:
         for field, value in (("fg_threshold", fg_threshold), ("bg_threshold", bg_threshold)):
             if not 0.0 <= value <= 1.0:
@@ -96,12 +155,15 @@ class PseudoMaskPolicy:
                 f"pseudo.bg_threshold={bg_threshold} > pseudo.fg_threshold={fg_threshold}: "
                 "bg_threshold must be <= fg_threshold"
             )
-        if min_component_size < 0:
-            raise ConfigError(f"pseudo.min_component_size={min_component_size}: must be >= 0")
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ConfigError(
+                f"pseudo.threshold_rule='{threshold_rule}': choose one of {list(THRESHOLD_RULES)}"
+            )
         self.fg_threshold = float(fg_threshold)
         self.bg_threshold = float(bg_threshold)
         self.multilabel = multilabel
-        self.min_component_size = int(min_component_size)
+        self.min_component_size = check_min_component_size(min_component_size)
+        self.threshold_rule = threshold_rule
         if crf is True:
             crf = CRFConfig()
         elif crf is False:
@@ -139,8 +201,10 @@ class PseudoMaskPolicy:
     def threshold(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Masks from :meth:`probabilities`' output (thresholds, then small-blob clean-up)."""
         present = present_mask(labels, probs.shape[0]).to(probs.device)
-        mask = threshold_cams(probs, present, self.fg_threshold, self.bg_threshold)
-        if self.min_component_size > 1:
+        fg = rule_thresholds(probs, self.threshold_rule, self.fg_threshold)
+        bg = rule_thresholds(probs, self.threshold_rule, self.bg_threshold)
+        mask = threshold_cams(probs, present, fg, bg)
+        if self.min_component_size > 0:
             mask = remove_small_components(mask, self.min_component_size)
         return mask
 
@@ -149,6 +213,7 @@ class PseudoMaskPolicy:
         return {
             "fg_threshold": self.fg_threshold,
             "bg_threshold": self.bg_threshold,
+            "threshold_rule": self.threshold_rule,
             "multilabel": self.multilabel,
             "min_component_size": self.min_component_size,
             "crf": None if self.crf is None else dataclasses.asdict(self.crf),

@@ -212,6 +212,8 @@ class CamSegDataModule(L.LightningDataModule):
         context_slices: 2.5D input: neighbours on each side stacked as channels.
         batch_size, num_workers, pin_memory: DataLoader settings.
         val_fraction, test_fraction, split_seed: patient-level split.
+        cv_folds, cv_fold: with ``cv_fold`` set, the split is that fold of a k-fold
+            cross-validation by patient (test = the fold; see ``camseg.data.splits.cv_split``).
         mean, std: per-channel normalisation of [0,1] intensities.
         windows: the CT windows (names such as ``lung`` or ``C/W`` in HU) that made the
             images, one per slice channel; recorded for ``camseg-predict`` to apply to
@@ -249,9 +251,12 @@ class CamSegDataModule(L.LightningDataModule):
         data_dir: str | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         slice_channels: int | None = None,
+        cv_folds: int | None = None,
+        cv_fold: int | None = None,
     ) -> None:
         super().__init__()
         check_channel_counts(int(in_channels), slice_channels, int(context_slices))
+        self.cv_folds, self.cv_fold = cv_folds, cv_fold
         self.root = Path(root)
         self.classes_arg = list(classes) if classes else None
         self.image_size = int(image_size)
@@ -292,7 +297,12 @@ class CamSegDataModule(L.LightningDataModule):
         self.prepare_data()  # idempotent; covers processes where prepare_data was not called
         self.index = load_index(self.root, classes=self.classes_arg)
         self.splits = assign_splits(
-            self.index.samples, self.val_fraction, self.test_fraction, self.split_seed
+            self.index.samples,
+            self.val_fraction,
+            self.test_fraction,
+            self.split_seed,
+            cv_folds=self.cv_folds,
+            cv_fold=self.cv_fold,
         )
         self._neighbours = (
             neighbour_paths(self.index, self.context_slices) if self.context_slices else {}

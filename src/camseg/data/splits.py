@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -12,7 +13,12 @@ from camseg.errors import ConfigError
 
 
 def assign_splits(
-    samples: list[Sample], val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+    samples: list[Sample],
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int | Sequence[int] = 0,
+    cv_folds: int | None = None,
+    cv_fold: int | None = None,
 ) -> dict[str, list[Sample]]:
     """Split samples into train/val/test by group.
 
@@ -23,9 +29,14 @@ def assign_splits(
     their fraction is above 0), so that validation and test metrics are defined; the
     group moved there trades places with a negative one when the split has one.
 
+    With ``cv_fold`` set, the split is fold ``cv_fold`` of a ``cv_folds``-fold
+    cross-validation by patient (:func:`cv_split`); ``test_fraction`` is then unused.
+
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}`` in the original row order.
     """
+    if cv_fold is not None:
+        return cv_split(samples, int(cv_folds or 5), int(cv_fold), val_fraction, seed)
     if not (
         0.0 <= val_fraction < 1.0
         and 0.0 <= test_fraction < 1.0
@@ -124,3 +135,67 @@ def _swap_candidate(
         if assignment[g] == split and not positive[g]:
             return g
     return None
+
+
+def _positive_pattern(ss: list[Sample]) -> tuple[int, ...]:
+    return tuple(int(any(s.labels[k] for s in ss)) for k in range(len(ss[0].labels)))
+
+
+def cv_folds_of(
+    groups: dict[str, list[Sample]], folds: int, seed: int | Sequence[int]
+) -> list[list[str]]:
+    """The patients of each fold: disjoint, covering every patient, sizes within one.
+
+    Patients are shuffled (seeded) within strata of "has a positive of class k" patterns
+    and dealt round-robin, the deal continuing across strata, so each fold gets about
+    1/folds of the patients and of the positive patients.
+    """
+    strata: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for g in sorted(groups):
+        strata[_positive_pattern(groups[g])].append(g)
+    rng = np.random.default_rng(seed)
+    out: list[list[str]] = [[] for _ in range(folds)]
+    turn = 0
+    for pattern in sorted(strata):
+        gs = strata[pattern]
+        for i in rng.permutation(len(gs)):
+            out[turn % folds].append(gs[i])
+            turn += 1
+    return out
+
+
+def cv_split(
+    samples: list[Sample], folds: int, fold: int, val_fraction: float, seed: int | Sequence[int]
+) -> dict[str, list[Sample]]:
+    """Fold ``fold`` of a k-fold cross-validation by patient: its patients are the test split,
+    the validation patients (``val_fraction`` of all patients) are drawn from the others
+    (stratified, seeded by the seed and the fold), the rest train."""
+    if folds < 2 or not 0 <= fold < folds:
+        raise ConfigError(
+            f"cv.folds={folds}, cv.fold={fold}: need folds >= 2 and 0 <= fold < folds"
+        )
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[s.group].append(s)
+    fixed = sorted({g for g, ss in groups.items() if any(s.split for s in ss)})
+    if fixed:
+        raise ConfigError(
+            f"cv.fold={fold}: labels.csv fixes the split of {len(fixed)} patient(s) (e.g. {fixed[0]}, "
+            "'split' column); cross-validation deals out every patient itself: empty that column "
+            "or drop cv.fold"
+        )
+    if len(groups) < folds:
+        raise ConfigError(
+            f"cv.folds={folds}: only {len(groups)} patients; use at most that many folds"
+        )
+    base = list(seed) if isinstance(seed, Sequence) else [int(seed)]
+    test = set(cv_folds_of(groups, folds, base)[fold])
+    rest = [s for s in samples if s.group not in test]
+    n_rest = len({s.group for s in rest})
+    val = min(val_fraction * len(groups) / max(n_rest, 1), 0.99)
+    inner = assign_splits(rest, val, 0.0, seed=[*base, fold + 1])
+    return {
+        "train": inner["train"],
+        "val": inner["val"],
+        "test": [s for s in samples if s.group in test],
+    }

@@ -172,7 +172,9 @@ def coverage_problem(
             "prior) or set pseudo.crf=null"
         )
     if policy.get("min_component_size"):
-        fixes.append(f"lower pseudo.min_component_size ({policy['min_component_size']} px)")
+        fixes.append(
+            f"lower pseudo.min_component_size ({policy['min_component_size']:g} of the image area)"
+        )
     cam = c.get("cam_support_area")
     if cam is not None and cam["median"] == 0:
         fixes.insert(0, "check the classifier (its CAMs are empty on positives)")

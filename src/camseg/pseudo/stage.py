@@ -17,6 +17,7 @@ from camseg.cam import CamMethod, PseudoMaskPolicy, build_cam_method
 from camseg.cls.checkpoint import check_compatible, load_classifier
 from camseg.constants import IGNORE_INDEX, MANIFEST_SCHEMA_VERSION
 from camseg.errors import CamsegError, ConfigError
+from camseg.pseudo.calibrate import calibrate_if_asked
 from camseg.pseudo.coverage import (
     check_min_coverage,
     coverage_stats,
@@ -65,8 +66,9 @@ def build_policy(cfg: DictConfig, multilabel: bool) -> PseudoMaskPolicy:
         fg_threshold=float(p.fg_threshold),
         bg_threshold=float(p.bg_threshold),
         multilabel=multilabel,
-        min_component_size=int(p.get("min_component_size", 0)),
+        min_component_size=float(p.get("min_component_size", 0)),
         crf=crf,  # type: ignore[arg-type]
+        threshold_rule=str(p.get("threshold_rule", "absolute")),
     )
 
 
@@ -91,6 +93,7 @@ def _provenance(
             "classes": dm.classes,
             "split": dm.predict_split,
             "split_seed": dm.split_seed,
+            **({"cv_folds": dm.cv_folds, "cv_fold": dm.cv_fold} if dm.cv_fold is not None else {}),
             "val_fraction": dm.val_fraction,
             "test_fraction": dm.test_fraction,
             "image_size": dm.image_size,
@@ -148,7 +151,14 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         )
     policy = build_policy(cfg, multilabel)
     engine, cam_desc = build_engine(cfg, model, multilabel)
+    # -- pseudo.calibrate: the policy chosen on the validation patients (pseudo/calibrate.py) --
+    calibration = calibrate_if_asked(cfg, run, dm, model, engine, policy)
+    if calibration is not None:
+        policy = calibration.policy
     provenance = _provenance(cfg, run, dm, cam_desc, policy)
+    if calibration is not None:
+        provenance["calibration"] = calibration.summary()
+    # -- end of calibration --
     fp = fingerprint.compute("pseudo", cfg, _inputs(provenance))
 
     prov_path = out / "provenance.json"
@@ -174,6 +184,8 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                 "run with force=true to rebuild them, or use another run_name"
             )
     out.mkdir(parents=True, exist_ok=True)
+    if calibration is not None:
+        calibration.write(out)
     write_json_atomic(prov_path, provenance)
     if not legacy:
         fingerprint.write(out, fp)
@@ -277,10 +289,9 @@ def finalize(
         )
     manifest = dict(provenance)
     manifest["samples"] = [{k: v for k, v in r.items() if k != "quality"} for r in rows]
-    quality = compute_quality(
-        rows, classes, list(cfg.pseudo.sweep_thresholds), float(cfg.pseudo.fg_threshold)
-    )
-    coverage = coverage_stats(rows, classes, float(cfg.pseudo.fg_threshold))
+    fg_threshold = float(provenance["policy"]["fg_threshold"])  # calibrated or configured
+    quality = compute_quality(rows, classes, list(cfg.pseudo.sweep_thresholds), fg_threshold)
+    coverage = coverage_stats(rows, classes, fg_threshold)
     write_quality({**(quality or {}), "coverage": coverage}, out)
     # Written last: a manifest on disk means the stage is complete.
     manifest_sorted = {k: manifest[k] for k in [*provenance.keys(), "samples"]}
