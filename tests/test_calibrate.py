@@ -15,7 +15,7 @@ from camseg.cam import PseudoMaskPolicy
 from camseg.errors import CamsegError, ConfigError
 from camseg.pipeline import run_pipeline
 from camseg.pseudo.calibrate_search import ValidationSet, search
-from camseg.pseudo.units import Grid, calibrate_mode
+from camseg.units import Grid, calibrate_mode
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CRF = {"crf_bg_powers": ()}

@@ -20,7 +20,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("camseg.errors", "camseg.constants"),
     # Plain helpers: config resolvers, files, optional packages, mask overlap counts, the
     # run directory.
-    ("camseg.resolvers", "camseg.utils", "camseg.optional", "camseg.overlap", "camseg.rundir"),
+    (
+        "camseg.resolvers",
+        "camseg.utils",
+        "camseg.optional",
+        "camseg.overlap",
+        "camseg.rundir",
+        "camseg.units",
+    ),
     # The package itself: __version__, and the resolvers registered on import.
     ("camseg",),
     # The safe checkpoint reader, stage fingerprints, the Lightning trainer from config.

@@ -182,7 +182,7 @@ def check_config(cfg: DictConfig) -> None:
             f"pseudo.bg_threshold={bg} > pseudo.fg_threshold={fg}: "
             "bg_threshold must be <= fg_threshold"
         )
-    from camseg.pseudo.units import config_errors  # relative units, pseudo.calibrate (no torch)
+    from camseg.units import config_errors  # relative units, pseudo.calibrate (no torch)
 
     errors += config_errors(cfg)
     val, test = values.get("data.val_fraction"), values.get("data.test_fraction")

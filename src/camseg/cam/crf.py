@@ -21,7 +21,7 @@ import torch
 
 from camseg.errors import ConfigError
 from camseg.optional import MissingPackageError, import_optional
-from camseg.pseudo.units import KERNEL_WIDTHS, check_kernel_width
+from camseg.units import KERNEL_WIDTHS, check_kernel_width
 
 
 @dataclass(frozen=True)

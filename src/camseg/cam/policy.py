@@ -19,7 +19,7 @@ from camseg.cam.base import present_mask
 from camseg.cam.crf import CRFConfig, crf_refine, import_densecrf
 from camseg.constants import BACKGROUND, IGNORE_INDEX
 from camseg.errors import ConfigError
-from camseg.pseudo.units import THRESHOLD_RULES, check_min_component_size
+from camseg.units import THRESHOLD_RULES, check_min_component_size
 
 
 def present_peak(cams: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,8 +28,8 @@ from camseg.errors import CamsegError
 from camseg.optional import MissingPackageError
 from camseg.overlap import confusion_counts
 from camseg.pseudo.calibrate_search import ValidationSet, search
-from camseg.pseudo.units import Grid, calibrate_mode
 from camseg.rundir import RunDir
+from camseg.units import Grid, calibrate_mode
 from camseg.utils.io import (
     read_image,
     read_json,

@@ -26,7 +26,7 @@ from camseg.cam.policy import (
 )
 from camseg.constants import BACKGROUND
 from camseg.overlap import confusion_counts, scores
-from camseg.pseudo.units import Grid
+from camseg.units import Grid
 
 
 @dataclass
