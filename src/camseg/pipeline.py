@@ -60,6 +60,10 @@ def run_pipeline(cfg: DictConfig) -> float | None:
             from camseg.cls.stage import run_cls
 
             results["cls"] = run_cls(cfg, run)
+        elif stage == "audit":
+            from camseg.audit.stage import run_audit
+
+            results["audit"] = run_audit(cfg, run)
         elif stage == "pseudo":
             from camseg.pseudo.stage import run_pseudo
 
