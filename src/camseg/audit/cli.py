@@ -28,7 +28,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--out", type=Path, required=True, help="output folder (audit.json, focus_*.png)"
     )
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.image_size=256")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def run(argv: list[str]) -> int:
