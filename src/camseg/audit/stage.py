@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -128,10 +128,9 @@ def audit_dataset(cfg: DictConfig, ckpt: Path, dm: CamSegDataModule, out: Path) 
         num_nodes=1,
         strategy="auto",
     )
-    preds = trainer.predict(module, dataloaders=loader, return_predictions=True)
-    assert preds is not None
-    rows = [r for p in preds for r in p["rows"]]  # type: ignore[index]
-    counts = torch.stack([p["counts"] for p in preds]).sum(0)  # type: ignore[index]
+    preds = cast("list[dict[str, Any]]", trainer.predict(module, dataloaders=loader))
+    rows = [r for p in preds for r in p["rows"]]
+    counts = torch.stack([p["counts"] for p in preds]).sum(0)
     classes = list(hp["class_names"])
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -150,7 +149,7 @@ def audit_dataset(cfg: DictConfig, ckpt: Path, dm: CamSegDataModule, out: Path) 
     }
     for name in engines:
         doc["methods"][name] = summarise_method(rows, name, classes, rule)
-        sums = torch.stack([p["focus"][name] for p in preds]).sum(0)  # type: ignore[index]
+        sums = torch.stack([p["focus"][name] for p in preds]).sum(0)
         doc["focus"][name] = {**focus_summary(sums, counts, classes), "image": f"focus_{name}.png"}
         save_png_atomic(out / f"focus_{name}.png", focus_image(sums, counts))
     primary = next(iter(engines))
