@@ -27,6 +27,7 @@ SMALL = (
     "stages=[audit]",
     "audit.methods=[cam,gradcam]",
     "audit.steps=4",
+    "audit.max_images=0",
 )
 
 
