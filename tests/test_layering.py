@@ -54,6 +54,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("camseg.report", "camseg.multirun", "camseg.predict", "camseg.cam_cli"),
     ("camseg.pipeline",),
     ("camseg.app",),
+    # Commands that reuse the app's config loading.
+    ("camseg.audit_cli",),
 ]
 
 MAX_LINES = 400

@@ -1,7 +1,7 @@
 """Names shared by modules, callbacks, sweeps and reports: defined once here."""
 
 # Stage names and their sub-directories of the run directory.
-STAGES = ("cls", "pseudo", "seg")
+STAGES = ("cls", "audit", "pseudo", "seg")
 
 # Metric names (logged by LightningModules, read by callbacks, sweeps and reports).
 TRAIN_LOSS = "train/loss"

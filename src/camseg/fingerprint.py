@@ -20,6 +20,9 @@ a moved dataset or run directory stays valid). Per stage:
   ``pseudo.*``, ``trainer.precision`` and ``trainer.limit_predict_batches``; inputs:
   ``labels.csv`` and the classifier checkpoint. Stage 2 resumes sample by sample, so its
   fingerprint is written when it starts and checked on every rerun, finished or not.
+* ``audit``: like ``pseudo`` with ``audit.*`` in place of ``pseudo.*`` (but its batch
+  size), without ``data.predict_split``; inputs: ``labels.csv`` and the classifier
+  checkpoint. A cheap measurement: when its fingerprint differs it is redone, not refused.
 * ``seg``: like ``cls`` with ``seg.*`` in place of ``model.*``; inputs: ``labels.csv``
   and ``pseudo/manifest.json`` (its digest, see :func:`manifest_digest`).
 
@@ -120,6 +123,17 @@ SCOPES: dict[str, Scope] = {
             "cam.scorecam_batch_size",
             "pseudo.batch_size",
             "pseudo.overlays",
+        ),
+    ),
+    "audit": Scope(
+        ("data", "cam", "audit", "trainer.precision", "trainer.limit_predict_batches"),
+        (
+            *_WHERE_AND_HOW_FAST,
+            "data.batch_size",
+            "data.train_transforms",
+            "data.predict_split",
+            "cam.scorecam_batch_size",
+            "audit.batch_size",
         ),
     ),
     "seg": Scope(
@@ -400,6 +414,7 @@ def begin(stage_dir: Path, fp: Fingerprint, *done_markers: Path) -> None:
 
 _REDO = {
     "cls": "retrains the classifier",
+    "audit": "audits the classifier again",
     "pseudo": "rebuilds the pseudo-masks",
     "seg": "retrains the segmenter",
 }

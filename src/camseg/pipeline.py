@@ -26,6 +26,7 @@ _SUBDIR_ENV = "CAMSEG_OUTPUT_SUBDIR"
 # in ``camseg.constants.STAGES``, which sets the pipeline order).
 RUNNERS: dict[str, str] = {
     "cls": "camseg.cls.stage:run_cls",
+    "audit": "camseg.audit.stage:run_audit",
     "pseudo": "camseg.pseudo.stage:run_pseudo",
     "seg": "camseg.seg.stage:run_seg",
 }

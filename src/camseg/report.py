@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from camseg import fingerprint
+from camseg.audit.report import section as audit_section
 from camseg.errors import CamsegError
 from camseg.pseudo.coverage import coverage_problem, empty_classes
 from camseg.report_cases import case_lines
@@ -114,7 +115,8 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
         log.warning(SMOKE_BANNER.replace("**", ""))
     lines += ["| stage | status | wall time (s) |", "|---|---|---|"]
     stale = _stale(run, manifest is not None, seg_m is not None)
-    for stage, done in (("cls", cls_m), ("pseudo", manifest), ("seg", seg_m)):
+    audited = (run.stage("audit") / "audit.json").is_file()
+    for stage, done in (("cls", cls_m), ("audit", audited), ("pseudo", manifest), ("seg", seg_m)):
         t = all_timings.get(stage)
         wall = "–" if t is None else f"{float(t):.1f}"
         status = "not run" if not done else f"stale: {stale[stage]}" if stage in stale else "done"
@@ -136,6 +138,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
                 f"| {key} | {_fmt(cls_m['val'].get(f'val/{key}'))} | {_fmt(cls_m['test'].get(f'test/{key}'))} |"
             )
         lines.append("")
+    lines += audit_section(run)  # where the classifier looks, before the masks built from it
     if manifest:
         cam = manifest["cam"]
         pol = manifest["policy"]

@@ -1,0 +1,93 @@
+"""Shortcut flags on hand-built maps: a corner marker is flagged and named, anatomy is not."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from camseg.audit import metrics as M
+from camseg.audit.shortcut import ShortcutRule, dataset_verdict, image_flags, outside_lift
+from camseg.errors import ConfigError
+
+
+def body_and_maps(n: int, on_marker: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` 64x64 images with a central body; the first ``on_marker`` maps rest on a
+    top-left marker outside it, the others on a lesion inside."""
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disc = (((yy - 34) ** 2 + (xx - 34) ** 2) <= 22**2).float() * 0.5
+    img = disc.clone()
+    img[3:7, 3:7] = 1.0  # the marker: bright, small, in the air
+    body = M.body_mask(img.expand(n, 64, 64).contiguous())
+    maps = torch.zeros(n, 64, 64)
+    for i in range(n):
+        if i < on_marker:
+            maps[i] = torch.exp(-((yy - 5) ** 2 + (xx - 5) ** 2) / 18.0)
+        else:
+            cy, cx = 24 + (i * 7) % 20, 24 + (i * 11) % 20  # lesions scattered in the body
+            maps[i] = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
+    return body, maps
+
+
+def flags_of(body: torch.Tensor, maps: torch.Tensor, rule: ShortcutRule) -> list[list[str]]:
+    share = M.out_of_body_share(maps, body)
+    area = (~body).flatten(1).float().mean(dim=1)
+    return image_flags(share, area, M.peak_corner(maps, rule.corner_band), rule)
+
+
+def test_marker_maps_are_flagged_and_the_dataset_names_the_corner() -> None:
+    rule = ShortcutRule()
+    body, maps = body_and_maps(12, on_marker=9)
+    flags = flags_of(body, maps, rule)
+    assert flags[:9] == [["outside_body", "corner:top-left"]] * 9
+    assert flags[9:] == [[]] * 3
+    v = dataset_verdict(flags, rule)
+    assert v["flagged"] and v["corner"] == "top-left"
+    assert v["corner_share"]["top-left"] == pytest.approx(0.75)
+    assert v["outside_body_share"] == pytest.approx(0.75)
+    assert any("top-left corner" in r for r in v["reasons"])
+
+
+def test_anatomical_maps_are_not_flagged() -> None:
+    rule = ShortcutRule()
+    body, maps = body_and_maps(12, on_marker=0)
+    flags = flags_of(body, maps, rule)
+    assert flags == [[]] * 12
+    v = dataset_verdict(flags, rule)
+    assert not v["flagged"] and v["corner"] is None and v["reasons"] == []
+
+
+def test_a_few_marker_maps_flag_images_but_not_the_dataset() -> None:
+    rule = ShortcutRule(dataset_share=0.25)
+    body, maps = body_and_maps(12, on_marker=2)  # 17% < 25%
+    v = dataset_verdict(flags_of(body, maps, rule), rule)
+    assert v["maps_flagged"] == 2 and not v["flagged"]
+
+
+def test_a_flat_map_is_not_a_shortcut_however_much_air_surrounds_the_body() -> None:
+    rule = ShortcutRule()
+    body, _ = body_and_maps(1, 0)
+    flat = torch.ones(1, 64, 64)
+    share = M.out_of_body_share(flat, body)
+    area = (~body).flatten(1).float().mean(dim=1)
+    assert share.item() == pytest.approx(area.item()) and share.item() > rule.outside_share
+    assert outside_lift(share, area).item() == pytest.approx(1.0)
+    assert image_flags(share, area, torch.tensor([-1]), rule) == [[]]
+
+
+def test_outside_lift_by_hand_and_undefined_without_a_body() -> None:
+    # 80% of the energy on 40% of the area: (0.8/0.4) / (0.2/0.6) = 6.
+    assert outside_lift(torch.tensor([0.8]), torch.tensor([0.4])).item() == pytest.approx(6.0)
+    assert math.isnan(outside_lift(torch.tensor([0.5]), torch.tensor([1.0])).item())
+
+
+def test_an_empty_audit_flags_nothing() -> None:
+    v = dataset_verdict([], ShortcutRule())
+    assert not v["flagged"] and v["maps"] == 0
+
+
+@pytest.mark.parametrize("field,value", [("corner_band", 0.7), ("dataset_share", 0.0)])
+def test_bad_rule_values_are_refused_in_one_line(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"audit.shortcut.{field}={value}"):
+        ShortcutRule(**{field: value})
