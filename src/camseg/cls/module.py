@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 )
 
 from camseg.checkpoints import plain_data
+from camseg.cls.regularisers import check_regulariser, regulariser_loss
 from camseg.models.classifier import CamClassifier
 
 SPLITS = ("train", "val", "test")
@@ -109,6 +110,8 @@ class ClassifierModule(L.LightningModule):
         pos_weight: BCE positive weights per class (multi-label only), e.g. (1-f)/f.
         net_config: the config that built ``net`` (stored in the checkpoint).
         channels_last: run convolutions in channels-last memory format.
+        regulariser: None, ``equivariance`` or ``puzzle`` (see camseg.cls.regularisers).
+        regulariser_weight: its weight in the training loss.
     """
 
     def __init__(
@@ -121,8 +124,12 @@ class ClassifierModule(L.LightningModule):
         pos_weight: Sequence[float] | None = None,
         net_config: dict | None = None,
         channels_last: bool = False,
+        regulariser: str | None = None,
+        regulariser_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        self.regulariser = check_regulariser(regulariser, regulariser_weight)
+        self.regulariser_weight = float(regulariser_weight)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
         self.optimizer_factory = optimizer
@@ -209,7 +216,16 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if self.regulariser is None:
+            return loss
+        reg = regulariser_loss(
+            self.regulariser, self.net, batch["image"], self._targets(batch["labels"]), self.loss_fn
+        )
+        self.log(
+            "train/regulariser", reg, on_step=False, on_epoch=True, batch_size=len(batch["image"])
+        )
+        return loss + self.regulariser_weight * reg
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -162,6 +162,8 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         pos_weight=resolve_pos_weight(cfg, dm, multilabel),
         net_config=ncfg,
         channels_last=bool(cfg.model.get("channels_last", False)),
+        regulariser=cfg.model.get("regulariser"),
+        regulariser_weight=float(cfg.model.get("regulariser_weight", 1.0)),
     )
     monitor = str(cfg.model.monitor)
     # Only validation metrics exist when checkpoints and early stopping decide.

@@ -26,6 +26,7 @@ from camseg.pseudo.coverage import (
 )
 from camseg.pseudo.predict import CamPredictModule, PseudoLabelWriter, SampleInfo, lacking_files
 from camseg.pseudo.quality import compute_quality, write_quality
+from camseg.refine.runner import refine_mode, refine_pseudo
 from camseg.rundir import RunDir
 from camseg.training import build_trainer
 from camseg.utils.io import read_json, remove_path, sha256_file, write_json_atomic
@@ -147,6 +148,7 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             f"{run.cls_best}: classifier takes {hp['net_config']['in_channels']} channels but data.in_channels={dm.in_channels}"
         )
     policy = build_policy(cfg, multilabel)
+    refine_mode(cfg)  # pseudo.refine is checked before any CAM is computed
     engine, cam_desc = build_engine(cfg, model, multilabel)
     provenance = _provenance(cfg, run, dm, cam_desc, policy)
     fp = fingerprint.compute("pseudo", cfg, _inputs(provenance))
@@ -245,6 +247,8 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         trainer.callbacks.append(writer)  # type: ignore[attr-defined]
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         trainer.strategy.barrier()
+        # Affinity refinement (camseg.refine) rewrites masks and rows before they are merged.
+        provenance = refine_pseudo(cfg, run, dm, policy, provenance)
         result = {}
         if trainer.is_global_zero:
             result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
@@ -253,6 +257,7 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         stop_if_uncovered_run(cfg, run, provenance)
         return result
     # Nothing left to predict: merging is idempotent and atomic, every rank may do it.
+    provenance = refine_pseudo(cfg, run, dm, policy, provenance)
     result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
     stop_if_uncovered_run(cfg, run, provenance)
     return result
