@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,15 @@ from camseg.refine.runner import refine_mode
 from camseg.refine.walk import neighbourhood, random_walk, transition, walk_cams
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors gain nothing from threads; on a loaded 2-core machine they cost a lot.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_offsets_are_inside_the_radius_and_half_covers_the_disc_once() -> None:
