@@ -13,10 +13,10 @@ encoder learns, so the CAM identity (spatial mean of CAM + bias = logit) holds a
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from camseg.errors import ConfigError
 
@@ -35,8 +35,12 @@ def check_regulariser(name: str | None, weight: float) -> str | None:
     return str(name)
 
 
-def _cams(net: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """ReLU'd CAMs (B,K,h,w) of features (B,C,h,w) under the net's linear head."""
+def _cams(net: Any, features: torch.Tensor) -> torch.Tensor:
+    """ReLU'd CAMs (B,K,h,w) of features (B,C,h,w) under the net's linear head.
+
+    ``net``: a :class:`~camseg.models.classifier.CamClassifier` (or anything with
+    ``features`` and a linear ``classifier``).
+    """
     return torch.einsum("bchw,kc->bkhw", features, net.classifier.weight).relu()
 
 
@@ -45,7 +49,7 @@ def _flip_rescale(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def equivariance_loss(
-    net: nn.Module, images: torch.Tensor, scale: float = EQUIVARIANCE_SCALE
+    net: Any, images: torch.Tensor, scale: float = EQUIVARIANCE_SCALE
 ) -> torch.Tensor:
     """``mean |CAM(T x) - T CAM(x)|`` for ``T`` = rescale by ``scale`` then horizontal flip.
 
@@ -55,7 +59,9 @@ def equivariance_loss(
     small = (max(1, round(h * scale)), max(1, round(w * scale)))
     cams = _cams(net, net.features(images))
     cams_t = _cams(net, net.features(_flip_rescale(images, small)))
-    return (cams_t - _flip_rescale(cams, tuple(cams_t.shape[-2:]))).abs().mean()
+    return (
+        (cams_t - _flip_rescale(cams, (int(cams_t.shape[-2]), int(cams_t.shape[-1])))).abs().mean()
+    )
 
 
 def _tiles(images: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,7 @@ def _reassemble(features: torch.Tensor) -> torch.Tensor:
 
 
 def puzzle_loss(
-    net: nn.Module,
+    net: Any,
     images: torch.Tensor,
     targets: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -94,7 +100,7 @@ def puzzle_loss(
 
 def regulariser_loss(
     name: str,
-    net: nn.Module,
+    net: Any,
     images: torch.Tensor,
     targets: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -28,20 +28,22 @@ def affinity_kwargs(cfg: Mapping[str, Any], label: str) -> dict[str, Any]:
     unknown = sorted(set(cfg) - set(_KEYS))
     if unknown:
         raise ConfigError(f"{label}: unknown affinity net keys {unknown}; allowed: {list(_KEYS)}")
-    out = {
-        "backbone": str(cfg.get("backbone", "resnet10t")),
-        "in_channels": int(cfg.get("in_channels", 3)),
-        "pretrained": bool(cfg.get("pretrained", False)),
-        "feature_dim": int(cfg.get("feature_dim", 32)),
-        "stride": int(cfg.get("stride", 4)),
-    }
-    if out["stride"] not in STRIDES:
-        raise ConfigError(f"{label}: stride={out['stride']}: use one of {list(STRIDES)}")
-    if out["feature_dim"] < 1 or out["in_channels"] < 1:
+    backbone = str(cfg.get("backbone", "resnet10t"))
+    stride, feature_dim = int(cfg.get("stride", 4)), int(cfg.get("feature_dim", 32))
+    in_channels = int(cfg.get("in_channels", 3))
+    if stride not in STRIDES:
+        raise ConfigError(f"{label}: stride={stride}: use one of {list(STRIDES)}")
+    if feature_dim < 1 or in_channels < 1:
         raise ConfigError(f"{label}: feature_dim and in_channels must be >= 1")
-    if not out["backbone"].replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"{label}: backbone={out['backbone']!r}: a timm model name")
-    return out
+    if not backbone.replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"{label}: backbone={backbone!r}: a timm model name")
+    return {
+        "backbone": backbone,
+        "in_channels": in_channels,
+        "pretrained": bool(cfg.get("pretrained", False)),
+        "feature_dim": feature_dim,
+        "stride": stride,
+    }
 
 
 class AffinityNet(nn.Module):
@@ -71,7 +73,8 @@ class AffinityNet(nn.Module):
             probe = timm.create_model(backbone, features_only=True, pretrained=False)
         except Exception as e:  # unknown name, no features_only
             raise ConfigError(f"pseudo.affinity.backbone={backbone!r}: {e}") from None
-        reductions = list(probe.feature_info.reduction())
+        info: Any = probe.feature_info
+        reductions = list(info.reduction())
         wanted = [i for i, r in enumerate(reductions) if r in (stride, 2 * stride, 4 * stride)]
         if len(wanted) < 2:
             raise ConfigError(
@@ -91,7 +94,8 @@ class AffinityNet(nn.Module):
                 f"pseudo.affinity.pretrained=true: cannot load {backbone} weights ({e}); "
                 "set pseudo.affinity.pretrained=false"
             ) from None
-        channels = self.encoder.feature_info.channels()
+        encoder_info: Any = self.encoder.feature_info
+        channels = encoder_info.channels()
         self.heads = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(c, feature_dim, 1, bias=False), nn.GroupNorm(4, feature_dim), nn.ReLU()

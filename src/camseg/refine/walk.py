@@ -83,7 +83,7 @@ def walk_cams(
     upsampled back. A map that is zero stays zero.
     """
     size = cams.shape[-2:]
-    grid = F.adaptive_avg_pool2d(cams.float(), affinity.shape[-2:])
+    grid = F.adaptive_avg_pool2d(cams.float(), (int(affinity.shape[-2]), int(affinity.shape[-1])))
     weights, full = neighbourhood(affinity.float().pow(beta), offsets)
     walked = random_walk(grid, transition(weights), full, iterations)
     up = F.interpolate(walked, size=size, mode="bilinear", align_corners=False).clamp_min(0)
