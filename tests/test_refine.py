@@ -238,3 +238,14 @@ def test_affinity_refinement_end_to_end_resumes_and_records_its_checkpoint(tmp_p
     run_pipeline(_cfg(tmp_path, *overrides[1:], "stages=[pseudo]"))
     assert ckpt.stat().st_mtime_ns == mtime
     assert json.loads((pseudo / "manifest.json").read_text()) == manifest
+
+
+def test_fingerprints_see_the_refine_and_regulariser_keys() -> None:
+    from camseg import fingerprint
+
+    base = _cfg(Path("/nonexistent"), "pseudo=affinity")
+    walk = _cfg(Path("/nonexistent"), "pseudo=affinity", "pseudo.affinity.radius=3")
+    reg = _cfg(Path("/nonexistent"), "model.regulariser=puzzle")
+    assert fingerprint.stage_config("pseudo", base) != fingerprint.stage_config("pseudo", walk)
+    assert fingerprint.stage_config("cls", base) == fingerprint.stage_config("cls", walk)
+    assert fingerprint.stage_config("cls", base) != fingerprint.stage_config("cls", reg)

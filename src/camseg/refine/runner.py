@@ -99,7 +99,7 @@ class _SaveLast(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # a full checkpoint: resumable
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 
