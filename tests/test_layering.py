@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     # The safe checkpoint reader, stage fingerprints, the Lightning trainer from config.
     ("camseg.checkpoints", "camseg.fingerprint", "camseg.training", "camseg.loggers"),
     # The libraries: datasets, networks, CAM methods and pseudo-mask policy.
-    ("camseg.data", "camseg.models", "camseg.cam"),
+    ("camseg.data", "camseg.models", "camseg.cam", "camseg.refine"),
     # What the stage runners share, and the checks before any stage runs.
     # (and the TensorBoard picture callback, which draws CAMs).
     ("camseg.stage_common", "camseg.preflight", "camseg.tb_images"),

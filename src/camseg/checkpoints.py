@@ -30,10 +30,12 @@ from camseg.errors import CamsegError
 
 CLASSIFIER = "classifier"
 SEGMENTER = "segmenter"
+AFFINITY = "affinity"
 # Where each kind lives, for messages that name the right place.
 PLACES = {
     CLASSIFIER: "a stage-1 classifier checkpoint such as runs/<run>/cls/checkpoints/best.ckpt",
     SEGMENTER: "a stage-3 segmenter checkpoint such as runs/<run>/seg/checkpoints/best.ckpt",
+    AFFINITY: "a stage-2 affinity checkpoint such as runs/<run>/pseudo/affinity/checkpoints/last.ckpt",
 }
 CAM_CLASSIFIER_TARGET = "camseg.models.classifier.CamClassifier"
 # Library names only: no ``hf-hub:``/``local-dir:`` prefixes, no paths.
@@ -100,6 +102,8 @@ def checkpoint_kind(ckpt: Any) -> str | None:
     net = hp.get("net_config")
     if not isinstance(net, dict) or "class_names" not in hp:
         return None
+    if hp.get("kind") == AFFINITY:  # stage 2's affinity net (camseg.refine)
+        return AFFINITY
     if "arch" in net:
         return SEGMENTER if isinstance(hp.get("data_config"), dict) else None
     return CLASSIFIER

@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 )
 
 from camseg.checkpoints import plain_data
+from camseg.cls.regularisers import check_regulariser, regulariser_loss
 from camseg.data.preprocess import record_datamodule
 from camseg.models.classifier import CamClassifier
 
@@ -113,6 +114,8 @@ class ClassifierModule(L.LightningModule):
             checkpoint for ``camseg-predict`` and ``camseg-cam``; when None, the fitting
             DataModule's ``preprocess`` is recorded at setup.
         channels_last: run convolutions in channels-last memory format.
+        regulariser: None, ``equivariance`` or ``puzzle`` (see camseg.cls.regularisers).
+        regulariser_weight: its weight in the training loss.
     """
 
     def __init__(
@@ -126,8 +129,12 @@ class ClassifierModule(L.LightningModule):
         net_config: dict | None = None,
         preprocess: dict | None = None,
         channels_last: bool = False,
+        regulariser: str | None = None,
+        regulariser_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        self.regulariser = check_regulariser(regulariser, regulariser_weight)
+        self.regulariser_weight = float(regulariser_weight)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
         self.optimizer_factory = optimizer
@@ -215,7 +222,16 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if self.regulariser is None:
+            return loss
+        reg = regulariser_loss(
+            self.regulariser, self.net, batch["image"], self._targets(batch["labels"]), self.loss_fn
+        )
+        self.log(
+            "train/regulariser", reg, on_step=False, on_epoch=True, batch_size=len(batch["image"])
+        )
+        return loss + self.regulariser_weight * reg
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -208,4 +208,6 @@ def _module(
         pos_weight=resolve_pos_weight(cfg, dm, multilabel),
         net_config=ncfg,
         channels_last=bool(cfg.model.get("channels_last", False)),
+        regulariser=cfg.model.get("regulariser"),
+        regulariser_weight=float(cfg.model.get("regulariser_weight", 1.0)),
     )

@@ -76,7 +76,7 @@ def _device(cfg: DictConfig) -> torch.device:
 def collect_validation(cfg: DictConfig, dm: Any, model: Any, engine: Any) -> ValidationSet | None:
     """CAMs, CRF images and ground truth of the validation images with a mask; None if none
     of them is positive."""
-    from camseg.pseudo.predict import CamPredictModule
+    from camseg.pseudo.writer import CamPredictModule
 
     with_mask = [s for s in dm.samples("val") if s.mask]
     positives = [s for s in with_mask if any(s.labels)]

@@ -25,6 +25,7 @@ from camseg.pseudo.coverage import (
     summary_lines,
 )
 from camseg.pseudo.quality import compute_quality, write_quality
+from camseg.pseudo.refine import refine_mode, refine_pseudo
 from camseg.pseudo.writer import CamPredictModule, PseudoLabelWriter, SampleInfo, lacking_files
 from camseg.rundir import RunDir
 from camseg.stage_common import build_datamodule
@@ -150,6 +151,7 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             f"{run.cls_best}: classifier takes {hp['net_config']['in_channels']} channels but data.in_channels={dm.in_channels}"
         )
     policy = build_policy(cfg, multilabel)
+    refine_mode(cfg)  # pseudo.refine is checked before any CAM is computed
     engine, cam_desc = build_engine(cfg, model, multilabel)
     # -- pseudo.calibrate: the policy chosen on the validation patients (pseudo/calibrate.py) --
     calibration = calibrate_if_asked(cfg, run, dm, model, engine, policy)
@@ -257,6 +259,8 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         trainer.callbacks.append(writer)  # type: ignore[attr-defined]
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         trainer.strategy.barrier()
+        # Affinity refinement (camseg.refine) rewrites masks and rows before they are merged.
+        provenance = refine_pseudo(cfg, run, dm, policy, provenance)
         result = {}
         if trainer.is_global_zero:
             result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
@@ -265,6 +269,7 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         stop_if_uncovered_run(cfg, run, provenance)
         return result
     # Nothing left to predict: merging is idempotent and atomic, every rank may do it.
+    provenance = refine_pseudo(cfg, run, dm, policy, provenance)
     result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
     stop_if_uncovered_run(cfg, run, provenance)
     return result
