@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from camseg.data.synthetic_presets import PRESETS
 from camseg.errors import CamsegError
@@ -39,8 +40,9 @@ def _check(args: argparse.Namespace) -> int:
         print(f"camseg-data: {args.root}: {e.total} problems", file=sys.stderr)
         return 2
     summary = summarize(index)
+    preview = split_preview(index, args.val_fraction, args.test_fraction, args.split_seed)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({**summary, "split_preview": preview}, indent=2))
         return 0
     print(f"{summary['root']}: OK")
     print(f"  samples       {summary['samples']} ({summary['negatives']} negatives)")
@@ -51,7 +53,57 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  masks         {summary['masks']} of {summary['samples']}")
     print(f"  splits        {summary['splits']}")
     print(f"  image sizes   {summary['image_sizes']}")
+    print(
+        f"  patient split the pipeline would make (data.val_fraction={args.val_fraction}, "
+        f"data.test_fraction={args.test_fraction}, data.split_seed={args.split_seed}):"
+    )
+    for name, part in preview["splits"].items():
+        pos = ", ".join(f"{c} {n}" for c, n in part["positives"].items())
+        print(
+            f"    {name:<5} {part['patients']:>4} patients {part['images']:>6} images  "
+            f"positives: {pos}  masks {part['masks']}"
+        )
+    for warning in preview["warnings"]:
+        print(f"camseg-data: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def split_preview(
+    index: Any, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, Any]:
+    """The train/val/test split by patient that the DataModule makes with these settings,
+    and a warning for each split that has no positive image of a class (its metrics would be
+    undefined) or, for val/test, no mask (nothing to evaluate the segmenter on)."""
+    from camseg.data.splits import assign_splits
+
+    splits = assign_splits(index.samples, val_fraction, test_fraction, seed)
+    out: dict[str, Any] = {"splits": {}, "warnings": []}
+    for name, samples in splits.items():
+        positives = {c: sum(s.labels[k] for s in samples) for k, c in enumerate(index.classes)}
+        part = {
+            "patients": len({s.group for s in samples}),
+            "images": len(samples),
+            "positives": positives,
+            "masks": sum(s.mask is not None for s in samples),
+        }
+        out["splits"][name] = part
+        fraction = {"train": 1.0, "val": val_fraction, "test": test_fraction}[name]
+        if fraction == 0:
+            continue
+        for c, n in positives.items():
+            if n == 0:
+                out["warnings"].append(
+                    f"the {name} split has no positive '{c}' image ({part['patients']} patients): "
+                    f"its {c} metrics will be undefined; add patients with '{c}' or raise "
+                    f"data.{name}_fraction"
+                    if name != "train"
+                    else f"the train split has no positive '{c}' image: the classifier cannot learn it"
+                )
+        if name != "train" and part["images"] and not part["masks"]:
+            out["warnings"].append(
+                f"the {name} split has no mask: the segmenter cannot be evaluated on it"
+            )
+    return out
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -95,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="check labels.csv and file presence only, do not decode images",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="as data.val_fraction")
+    p.add_argument("--test-fraction", type=float, default=0.15, help="as data.test_fraction")
+    p.add_argument("--split-seed", type=int, default=0, help="as data.split_seed")
     p.set_defaults(func=_check)
 
     p = sub.add_parser(
