@@ -22,7 +22,8 @@ from camseg.data.preprocess import (
 )
 from camseg.errors import ConfigError
 from camseg.models.classifier import CamClassifier
-from camseg.seg.module import SegmenterModule, build_segmentation_net
+from camseg.models.segmenter import build_segmentation_net
+from camseg.seg.module import SegmenterModule
 from camseg.utils.io import read_image
 
 
