@@ -171,7 +171,14 @@ def test_case_report_agrees_with_the_stage_metrics_and_lists_every_test_image(
     page = (run / "report.html").read_text()
     assert len(_html_case_rows(page)) == len(predictions)
     report = (run / "report.md").read_text()
-    assert "Per patient, worst Dice first" in report and "report.html" in report
+    assert "Test patients, worst Dice first" in report and "report.html" in report
+    # The validation patients get their table too, from the segmenter's own predictions.
+    val_cases = json.loads((run / "seg/cases_val.json").read_text())
+    assert val_cases["num_images"] == len(list((run / "seg/predictions_val").glob("*.png"))) > 0
+    assert {r["patient"] for r in val_cases["patients"]}.isdisjoint(
+        {r["patient"] for r in cases["patients"]}
+    )
+    assert "Validation patients (" in report
     # debug=fast says its numbers are meaningless, at the top of the page.
     assert report.splitlines()[2].startswith("**Smoke test (`debug=fast`)")
 

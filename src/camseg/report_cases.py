@@ -12,7 +12,7 @@ from camseg.data.folder import load_index
 from camseg.errors import CamsegError
 from camseg.report_html import REPORT_HTML, write_html_report
 from camseg.rundir import RunDir
-from camseg.seg.cases import CASES_JSON, evaluate_predictions
+from camseg.seg.cases import CASES_JSON, VAL_CASES_JSON, VAL_PREDICTIONS, evaluate_predictions
 from camseg.utils.io import read_json, write_json_atomic
 
 log = logging.getLogger("camseg")
@@ -29,12 +29,15 @@ def _f(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def load_or_evaluate(run: RunDir, root: Path, classes: list[str]) -> dict[str, Any] | None:
-    """``seg/cases.json``, recomputed when missing or older than the predictions' metrics."""
-    pred_dir = run.seg / "predictions"
+def load_or_evaluate(
+    run: RunDir, root: Path, classes: list[str], split: str = "test"
+) -> dict[str, Any] | None:
+    """``seg/cases.json`` (test) or ``seg/cases_val.json`` (validation), recomputed when
+    missing or older than the segmenter's metrics."""
+    pred_dir = run.seg / ("predictions" if split == "test" else VAL_PREDICTIONS)
     if not pred_dir.is_dir():
         return None
-    out = run.seg / CASES_JSON
+    out = run.seg / (CASES_JSON if split == "test" else VAL_CASES_JSON)
     metrics = run.seg / "metrics.json"
     if out.is_file() and metrics.is_file() and out.stat().st_mtime_ns >= metrics.stat().st_mtime_ns:
         return read_json(out)
@@ -92,6 +95,7 @@ def case_lines(run: RunDir, manifest: dict[str, Any] | None) -> list[str]:
     root, classes = Path(manifest["dataset"]["root"]), list(manifest["dataset"]["classes"])
     try:
         cases = load_or_evaluate(run, root, classes)
+        val_cases = load_or_evaluate(run, root, classes, "val")
     except (CamsegError, OSError, ValueError) as e:
         log.warning("case-by-case evaluation skipped: %s", e)
         return ["", f"Case-by-case evaluation skipped: {e}"]
@@ -117,7 +121,15 @@ def case_lines(run: RunDir, manifest: dict[str, Any] | None) -> list[str]:
             f"| {s['lesions_hit']}/{s['lesions']} | {s['false_lesions']} | {_f(s['hd95_mean'], 1)} "
             f"| {_f(s['surface_dice_mean'])} | {_f(s['roc']['auroc'])} |"
         )
-    lines += ["", "Per patient, worst Dice first:", "", *_patient_table(cases)]
+    lines += ["", "Test patients, worst Dice first:", "", *_patient_table(cases)]
+    if val_cases and val_cases["images"]:
+        lines += [
+            "",
+            f"Validation patients ({val_cases['num_images']} images with ground truth; they chose "
+            "the segmenter's best epoch), worst Dice first:",
+            "",
+            *_patient_table(val_cases),
+        ]
     if _roc_png(run.seg / ROC_PNG, cases["summary"]):
         lines += ["", f"![detection ROC](seg/{ROC_PNG})"]
     try:

@@ -38,7 +38,9 @@ from camseg.data.folder import DatasetIndex, Sample
 from camseg.overlap import confusion_counts, scores
 from camseg.utils.io import read_mask
 
-CASES_JSON = "cases.json"
+CASES_JSON = "cases.json"  # test patients (predictions/)
+VAL_CASES_JSON = "cases_val.json"  # validation patients (predictions_val/)
+VAL_PREDICTIONS = "predictions_val"
 ERROR_TYPES = ("fn", "fp", "tp", "tn")
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -287,6 +289,8 @@ def evaluate_predictions(
 
 __all__ = [
     "CASES_JSON",
+    "VAL_CASES_JSON",
+    "VAL_PREDICTIONS",
     "evaluate_image",
     "evaluate_predictions",
     "lesion_counts",

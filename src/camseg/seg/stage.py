@@ -20,9 +20,10 @@ from camseg.models.segmenter import build_segmentation_net
 from camseg.pseudo.coverage import check_manifest_coverage
 from camseg.pseudo.manifest import Manifest, load_manifest
 from camseg.rundir import RunDir
+from camseg.seg.cases import VAL_PREDICTIONS
 from camseg.seg.metrics import output_warnings
 from camseg.seg.module import SegmenterModule
-from camseg.seg.train_eval import evaluate_train
+from camseg.seg.train_eval import evaluate_train, write_split_predictions
 from camseg.stage_common import (
     METRICS,
     ResumePlan,
@@ -253,6 +254,8 @@ def _train_round(
     train_cmp, relabelled, positives = evaluate_train(
         module, dm, job.manifest, stage_dir, cfg, relabel=r < job.rounds
     )
+    if r == job.rounds and job.val_has_gt:  # the validation patients' cases, for the report
+        write_split_predictions(module, dm, "val", stage_dir / VAL_PREDICTIONS)
     result: dict[str, Any] = {
         "stage": "seg",
         "round": r,

@@ -188,3 +188,27 @@ def _grid_row(
         draw_contours(image, gt, colour=GT_COLOUR),
         titles=("image", "CAM", "pseudo-mask", "prediction", "truth") if titled else None,
     )
+
+
+@torch.no_grad()
+def write_split_predictions(
+    module: SegmenterModule, dm: CamSegDataModule, split: str, out: Path
+) -> int:
+    """The segmenter's full-size label maps of ``split``'s images with ground truth, as
+    ``out/<id>.png`` (what ``seg/predictions/`` holds for the test patients), for the
+    case-by-case report. Returns how many were written."""
+    module.eval()
+    ds = dm.dataset(split, train=False, full_res=True)
+    ds.items = [it for it in ds.items if it.mask is not None]
+    loader = DataLoader(
+        ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=0, collate_fn=collate
+    )
+    written = 0
+    for batch in loader:
+        images = batch["image"].to(module.device)
+        for i in range(len(images)):
+            h, w = (int(v) for v in batch["orig_size"][i])
+            pred, _ = module.full_size_probabilities(images[i : i + 1], h, w)
+            save_png_atomic(out / f"{batch['id'][i]}.png", pred.cpu().numpy().astype(np.uint8))
+            written += 1
+    return written
