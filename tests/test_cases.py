@@ -202,3 +202,19 @@ def test_report_html_is_self_contained_and_lists_every_test_case(tmp_path: Path)
 def test_report_html_loads_in_headless_chromium(tmp_path: Path) -> None:
     test_report_html_is_self_contained_and_lists_every_test_case(tmp_path)
     check_report_html_in_chromium(tmp_path / "report.html", 5)
+
+
+def test_pictures_are_spread_over_the_patients_lesions_first() -> None:
+    from types import SimpleNamespace
+
+    from camseg.seg.cases import spread_over_patients
+
+    samples = [
+        SimpleNamespace(id=f"{p}_{k}", group=p, labels=(int(k == 2),))
+        for p in ("A", "B", "C")
+        for k in range(4)
+    ]
+    picked = spread_over_patients(samples, 5)
+    assert picked == ["A_2", "B_2", "C_2", "A_0", "B_0"]
+    assert len(spread_over_patients(samples, 50)) == 12  # never more than there are
+    assert spread_over_patients([], 3) == []

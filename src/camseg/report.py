@@ -155,11 +155,12 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
         if quality and "sweep" in quality:
             sw = quality["sweep"]
             lines += [
-                "| pseudo-masks vs ground truth | Dice | IoU |",
-                "|---|---|---|",
-                f"| at fg_threshold={quality['fg_threshold']} (ignore = not foreground) | {_fmt(quality['dice'])} | {_fmt(quality['iou'])} |",
+                "| pseudo-masks vs ground truth | Dice | IoU | precision | recall |",
+                "|---|---|---|---|---|",
+                f"| at fg_threshold={quality['fg_threshold']} (ignore = not foreground) | {_fmt(quality['dice'])} "
+                f"| {_fmt(quality['iou'])} | {_fmt(quality.get('precision'))} | {_fmt(quality.get('recall'))} |",
                 f"| best threshold of the sweep ({sw['best_threshold']}; "
-                f"{'CRF posterior' if pol['crf'] else 'CAM'}) | {_fmt(sw['best_dice'])} | – |",
+                f"{sw.get('map', 'CRF posterior' if pol['crf'] else 'CAM')}) | {_fmt(sw['best_dice'])} | – | – | – |",
                 "",
                 f"Mean ignore fraction {_fmt(quality['ignore_fraction'])}; {quality['samples_with_gt']} samples with ground truth.",
                 "",

@@ -68,6 +68,15 @@ def compute_quality(
     }
 
 
+def swept_map(policy: dict[str, Any]) -> str:
+    """What the threshold sweep thresholds, for the plot's axis: the CRF's posterior when the
+    policy refines with the CRF, else the normalised CAM; under a relative threshold rule,
+    the thresholds read as that rule says."""
+    base = "CRF posterior" if policy.get("crf") else "normalised CAM"
+    rule = policy.get("threshold_rule", "absolute")
+    return base if rule in (None, "absolute") else f"{base} ({rule})"
+
+
 def plot_sweep(quality: dict[str, Any], path: Path) -> None:
     import io
 
@@ -90,7 +99,7 @@ def plot_sweep(quality: dict[str, Any], path: Path) -> None:
     ax.axvline(
         sw["best_threshold"], color="green", ls=":", lw=1, label=f"best={sw['best_threshold']}"
     )
-    ax.set_xlabel("CAM threshold")
+    ax.set_xlabel(f"threshold on the {sw.get('map', 'normalised CAM')}")
     ax.set_ylabel("score vs ground truth")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

@@ -24,7 +24,7 @@ from camseg.pseudo.coverage import (
     stop_if_uncovered_run,
     summary_lines,
 )
-from camseg.pseudo.quality import compute_quality, write_quality
+from camseg.pseudo.quality import compute_quality, swept_map, write_quality
 from camseg.pseudo.refine import refine_mode, refine_pseudo
 from camseg.pseudo.writer import CamPredictModule, PseudoLabelWriter, SampleInfo, lacking_files
 from camseg.rundir import RunDir
@@ -296,6 +296,8 @@ def finalize(
     manifest["samples"] = [{k: v for k, v in r.items() if k != "quality"} for r in rows]
     fg_threshold = float(provenance["policy"]["fg_threshold"])  # calibrated or configured
     quality = compute_quality(rows, classes, list(cfg.pseudo.sweep_thresholds), fg_threshold)
+    if quality and "sweep" in quality:  # what the swept thresholds were applied to
+        quality["sweep"]["map"] = swept_map(provenance["policy"])
     coverage = coverage_stats(rows, classes, fg_threshold)
     write_quality({**(quality or {}), "coverage": coverage}, out)
     # Written last: a manifest on disk means the stage is complete.

@@ -53,6 +53,22 @@ class Surface:
     surface_dice: float  # 1.0 when both are empty, 0.0 when exactly one is
 
 
+def spread_over_patients(samples: Sequence[Any], n: int) -> list[str]:
+    """Ids of ``n`` samples dealt round-robin over the patients (in their first-seen order),
+    lesion slices (any positive label) first within each patient: pictures that show every
+    patient rather than the first patient's slices."""
+    by_patient: dict[str, list[Any]] = {}
+    for s in samples:
+        by_patient.setdefault(s.group, []).append(s)
+    queues = [sorted(ss, key=lambda s: not any(s.labels)) for ss in by_patient.values()]
+    out: list[str] = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0).id)
+    return out
+
+
 def surface_metrics(pred: np.ndarray, target: np.ndarray, tolerance: float) -> Surface:
     """HD95 and surface Dice of two boolean masks of one image.
 
@@ -296,5 +312,6 @@ __all__ = [
     "lesion_counts",
     "patient_rows",
     "roc_curve",
+    "spread_over_patients",
     "surface_metrics",
 ]

@@ -169,6 +169,10 @@ class SegmenterModule(L.LightningModule):
         if self.predictions_dir is not None:
             self._write_predictions(batch, preds)
 
+    # Set by the stage: the test images that get an overlay (spread over the patients);
+    # None draws the first ``overlays`` ones.
+    overlay_ids: set[str] | None = None
+
     # Set by the stage from data.max_image_pixels: larger images are evaluated through a
     # bounded working size (logits resized there, labels resized to full size as uint8).
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
@@ -180,7 +184,12 @@ class SegmenterModule(L.LightningModule):
             sid = batch["id"][i]
             p = pred.to(torch.uint8).cpu().numpy()
             save_png_atomic(self.predictions_dir / "predictions" / f"{sid}.png", p)
-            if self._overlays_written < self.overlays and "image_path" in batch:
+            chosen = (
+                sid in self.overlay_ids
+                if self.overlay_ids is not None
+                else self._overlays_written < self.overlays
+            )
+            if chosen and "image_path" in batch:
                 image = to_rgb(read_image(batch["image_path"][i]))
                 # Drawn at a bounded size: a large image's overlay is a picture to look at.
                 h, w = working_size(image.shape[0], image.shape[1], OVERLAY_MAX_PIXELS)

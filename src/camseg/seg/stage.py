@@ -20,7 +20,7 @@ from camseg.models.segmenter import build_segmentation_net
 from camseg.pseudo.coverage import check_manifest_coverage
 from camseg.pseudo.manifest import Manifest, load_manifest
 from camseg.rundir import RunDir
-from camseg.seg.cases import VAL_PREDICTIONS
+from camseg.seg.cases import VAL_PREDICTIONS, spread_over_patients
 from camseg.seg.metrics import output_warnings
 from camseg.seg.module import SegmenterModule
 from camseg.seg.train_eval import evaluate_train, write_split_predictions
@@ -231,6 +231,7 @@ def _train_round(
     dm.train_masks = masks
     dm.full_res_eval = True
     module = _module(cfg, dm, stage_dir)
+    module.overlay_ids = set(spread_over_patients(dm.samples("test"), module.overlays))
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, stage_dir / "config.yaml")
     resume = plan.requested if r == job.rounds else None

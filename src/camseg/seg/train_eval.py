@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from camseg.constants import IGNORE_INDEX
 from camseg.data.datamodule import CamSegDataModule, collate
 from camseg.pseudo.manifest import Manifest
+from camseg.seg.cases import spread_over_patients
 from camseg.seg.metrics import SegMetrics, group_ids
 from camseg.seg.module import SegmenterModule
 from camseg.utils.io import read_image, read_mask, save_png_atomic
@@ -43,6 +44,7 @@ class _Pass:
     positives: np.ndarray  # (2, K): [labelled positive, with predicted foreground]
     new_masks: dict[str, Path] = field(default_factory=dict)
     grid_rows: list[np.ndarray] = field(default_factory=list)
+    grid_ids: set[str] = field(default_factory=set)  # the figure's rows: one per patient first
 
 
 @torch.no_grad()
@@ -70,6 +72,8 @@ def evaluate_train(
         SegMetrics(dm.num_classes, dm.classes, prefix="", sync_on_compute=False),
         np.zeros((2, dm.num_classes), np.int64),
     )
+    shown = [s for s in dm.samples("train") if s.id in ids and s.mask and any(s.labels)]
+    acc.grid_ids = set(spread_over_patients(shown, GRID_ROWS))
     confidence = float(cfg.seg.get("self_training_confidence", 0.9))
     rows_by_id = {r["id"]: r for r in manifest.samples}
     for batch in loader:
@@ -128,7 +132,7 @@ def _sample(
         return
     acc.metric.update(pred[None].cpu(), gt[None], group_ids([batch["group"][i]]))
     row = rows_by_id.get(batch["id"][i])
-    if len(acc.grid_rows) < GRID_ROWS and row and any(row["labels"]) and gt.any():
+    if batch["id"][i] in acc.grid_ids and row and any(row["labels"]) and gt.any():
         acc.grid_rows.append(
             _grid_row(
                 batch["image_path"][i],
