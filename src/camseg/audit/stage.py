@@ -51,8 +51,9 @@ def settings(cfg: DictConfig, dm: CamSegDataModule) -> tuple[AuditSettings, Shor
         baseline=str(a.get("baseline", "mean")),
         faithfulness=bool(a.get("faithfulness", True)),
         batch_size=int(a.get("batch_size", 64)),
-        mean=tuple(float(v) for v in dm.mean),
-        std=tuple(float(v) for v in dm.std),
+        # One value per input channel (2.5D inputs stack the slice channels per view).
+        mean=tuple(float(v) / 255.0 for v in dm.preprocess.scale()[0]),
+        std=tuple(float(v) / 255.0 for v in dm.preprocess.scale()[1]),
     )
     if s.steps < 1 or s.batch_size < 1:
         raise ConfigError(f"audit.steps={s.steps}, audit.batch_size={s.batch_size}: must be >= 1")
