@@ -123,6 +123,7 @@ SCOPES: dict[str, Scope] = {
             "cam.scorecam_batch_size",
             "pseudo.batch_size",
             "pseudo.overlays",
+            "pseudo.crf_workers",
         ),
     ),
     "audit": Scope(

@@ -13,6 +13,10 @@ at 128, 256 or 512 px.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +82,96 @@ def _intensity_0_255(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def _crf_one(
+    stack: np.ndarray, pixels: np.ndarray, config: CRFConfig, sxy_px: tuple[float, float]
+) -> np.ndarray:
+    """One image's CRF: ``stack`` (1+k,H,W) float32 softmax (background first), ``pixels``
+    (H,W,C) on 0..255 (uint8 or float32) -> the k foreground posteriors (k,H,W) float32.
+
+    A module-level function of numpy arrays only, so a process pool can run it.
+    """
+    dcrf, crf_utils = import_densecrf()
+    labels, height, width = stack.shape
+    crf = dcrf.DenseCRF2D(width, height, labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(crf_utils.unary_from_softmax(stack, clip=1e-5)))
+    crf.addPairwiseGaussian(sxy=sxy_px[0], compat=config.gaussian_compat)
+    bilateral = crf_utils.create_pairwise_bilateral(
+        sdims=(sxy_px[1], sxy_px[1]),
+        schan=(config.bilateral_srgb,) * pixels.shape[-1],
+        img=np.ascontiguousarray(pixels, dtype=np.float32),
+        chdim=2,
+    )
+    crf.addPairwiseEnergy(
+        np.ascontiguousarray(bilateral, dtype=np.float32), compat=config.bilateral_compat
+    )
+    refined = np.asarray(crf.inference(config.iterations), dtype=np.float32)
+    return refined.reshape(labels, height, width)[1:]
+
+
+def default_crf_workers() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+class CRFPool:
+    """Runs the per-image CRF in ``workers`` processes: pydensecrf holds the GIL, so threads
+    do not scale. ``workers`` 0 or 1 runs it in the calling thread.
+
+    The pool uses the ``spawn`` start method (forking a process whose torch threads are
+    running is unsafe), is started on first use and lives until :meth:`close`; only numpy
+    arrays and the frozen :class:`CRFConfig` cross the process boundary, so the results
+    are those of the in-process CRF, bit for bit. Safe to share between threads.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 0:
+            raise ConfigError(f"pseudo.crf_workers={workers}: must be >= 0 (0 or 1: in-process)")
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ProcessPoolExecutor | None:
+        if self.workers <= 1:
+            return None
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn")
+                )
+            return self._pool
+
+    def map(
+        self, jobs: list[tuple[np.ndarray, np.ndarray, CRFConfig, tuple[float, float]]]
+    ) -> list[np.ndarray]:
+        """:func:`_crf_one` over ``jobs``, in order."""
+        pool = self._executor()
+        if pool is None:
+            return [_crf_one(*job) for job in jobs]
+        futures = [pool.submit(_crf_one, *job) for job in jobs]
+        return [f.result() for f in futures]
+
+    def close(self, cancel: bool = False) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=cancel)
+                self._pool = None
+
+    def __enter__(self) -> CRFPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(cancel=exc[0] is not None)
+
+
 def crf_refine(
-    cams: torch.Tensor, present: torch.Tensor, images: torch.Tensor, config: CRFConfig
+    cams: torch.Tensor,
+    present: torch.Tensor,
+    images: torch.Tensor,
+    config: CRFConfig,
+    pool: CRFPool | None = None,
 ) -> torch.Tensor:
     """Refined foreground probabilities, (B,K,H,W) in [0,1], zero for absent classes.
 
@@ -88,19 +180,23 @@ def crf_refine(
         present: (B,K) bool, the classes in each image's label.
         images: (B,C,H,W) the images the CAMs belong to, same H,W.
         config: CRF parameters.
+        pool: where the per-image CRFs run (None: here, one after the other).
     """
-    dcrf, crf_utils = import_densecrf()
+    import_densecrf()
     if images.shape[0] != cams.shape[0] or images.shape[-2:] != cams.shape[-2:]:
         raise ValueError(
             f"CRF needs images of the CAMs' size: images {tuple(images.shape)}, cams {tuple(cams.shape)}"
         )
     batch, _, height, width = cams.shape
     side = float(np.sqrt(height * width))
-    gaussian_px, bilateral_px = config.gaussian_sxy * side, config.bilateral_sxy * side
+    sxy_px = (config.gaussian_sxy * side, config.bilateral_sxy * side)
     probs = cams.detach().float().clamp(0, 1).cpu().numpy()
     keep = present.cpu().numpy()
-    pixels = _intensity_0_255(images)
-    out = np.zeros_like(probs)
+    if images.dtype == torch.uint8:  # exact on 0..255 already; a quarter of the bytes to ship
+        pixels = images.detach().permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    else:
+        pixels = _intensity_0_255(images)
+    jobs, where = [], []
     for b in range(batch):  # the CRF library works on one image at a time
         classes = np.flatnonzero(keep[b])
         if classes.size == 0:
@@ -109,19 +205,10 @@ def crf_refine(
         bg = (1.0 - fg.max(axis=0)) ** config.bg_power
         stack = np.concatenate([bg[None], fg]).astype(np.float32)
         stack /= np.maximum(stack.sum(axis=0, keepdims=True), 1e-8)
-        crf = dcrf.DenseCRF2D(width, height, stack.shape[0])
-        crf.setUnaryEnergy(np.ascontiguousarray(crf_utils.unary_from_softmax(stack, clip=1e-5)))
-        crf.addPairwiseGaussian(sxy=gaussian_px, compat=config.gaussian_compat)
-        channels = pixels.shape[-1]
-        bilateral = crf_utils.create_pairwise_bilateral(
-            sdims=(bilateral_px, bilateral_px),
-            schan=(config.bilateral_srgb,) * channels,
-            img=np.ascontiguousarray(pixels[b]),
-            chdim=2,
-        )
-        crf.addPairwiseEnergy(
-            np.ascontiguousarray(bilateral, dtype=np.float32), compat=config.bilateral_compat
-        )
-        refined = np.asarray(crf.inference(config.iterations), dtype=np.float32)
-        out[b, classes] = refined.reshape(-1, height, width)[1:]
+        jobs.append((stack, pixels[b], config, sxy_px))
+        where.append((b, classes))
+    out = np.zeros_like(probs)
+    results = (pool or CRFPool(0)).map(jobs)
+    for (b, classes), refined in zip(where, results, strict=True):
+        out[b, classes] = refined
     return torch.from_numpy(out).to(cams.device)
