@@ -46,7 +46,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3, help="best of, per row (a shared machine)")
-    p.add_argument("--no-threads", action="store_true", help="skip (b)")
+    p.add_argument(
+        "--thread-workers", type=int, nargs="*", help="thread counts for (b); default: --workers"
+    )
     return p.parse_args()
 
 
@@ -99,8 +101,8 @@ def main() -> None:
     def one(i: int) -> torch.Tensor:
         return crf_refine(cams[i : i + 1], present[i : i + 1], images[i : i + 1], config)
 
-    for n in args.workers:
-        if args.no_threads or n < 2:
+    for n in args.workers if args.thread_workers is None else args.thread_workers:
+        if n < 2:
             continue
         with ThreadPoolExecutor(n) as threads:
             out = torch.cat(list(threads.map(one, range(args.images))))
