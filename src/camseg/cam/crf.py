@@ -17,15 +17,17 @@ import multiprocessing
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from camseg.errors import ConfigError
+from camseg.errors import CamsegError, ConfigError
 from camseg.optional import MissingPackageError, import_optional
 from camseg.units import KERNEL_WIDTHS, check_kernel_width
+from camseg.utils.densecrf import dense_crf
 
 
 @dataclass(frozen=True)
@@ -82,32 +84,6 @@ def _intensity_0_255(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def _crf_one(
-    stack: np.ndarray, pixels: np.ndarray, config: CRFConfig, sxy_px: tuple[float, float]
-) -> np.ndarray:
-    """One image's CRF: ``stack`` (1+k,H,W) float32 softmax (background first), ``pixels``
-    (H,W,C) on 0..255 (uint8 or float32) -> the k foreground posteriors (k,H,W) float32.
-
-    A module-level function of numpy arrays only, so a process pool can run it.
-    """
-    dcrf, crf_utils = import_densecrf()
-    labels, height, width = stack.shape
-    crf = dcrf.DenseCRF2D(width, height, labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(crf_utils.unary_from_softmax(stack, clip=1e-5)))
-    crf.addPairwiseGaussian(sxy=sxy_px[0], compat=config.gaussian_compat)
-    bilateral = crf_utils.create_pairwise_bilateral(
-        sdims=(sxy_px[1], sxy_px[1]),
-        schan=(config.bilateral_srgb,) * pixels.shape[-1],
-        img=np.ascontiguousarray(pixels, dtype=np.float32),
-        chdim=2,
-    )
-    crf.addPairwiseEnergy(
-        np.ascontiguousarray(bilateral, dtype=np.float32), compat=config.bilateral_compat
-    )
-    refined = np.asarray(crf.inference(config.iterations), dtype=np.float32)
-    return refined.reshape(labels, height, width)[1:]
-
-
 def default_crf_workers() -> int:
     """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
     try:
@@ -122,7 +98,7 @@ class CRFPool:
 
     The pool uses the ``spawn`` start method (forking a process whose torch threads are
     running is unsafe), is started on first use and lives until :meth:`close`; only numpy
-    arrays and the frozen :class:`CRFConfig` cross the process boundary, so the results
+    arrays and numbers cross the process boundary, so the results
     are those of the in-process CRF, bit for bit. Safe to share between threads.
     """
 
@@ -143,15 +119,20 @@ class CRFPool:
                 )
             return self._pool
 
-    def map(
-        self, jobs: list[tuple[np.ndarray, np.ndarray, CRFConfig, tuple[float, float]]]
-    ) -> list[np.ndarray]:
-        """:func:`_crf_one` over ``jobs``, in order."""
+    def map(self, jobs: list[tuple[Any, ...]]) -> list[np.ndarray]:
+        """:func:`camseg.utils.densecrf.dense_crf` over ``jobs`` (its arguments), in order."""
         pool = self._executor()
         if pool is None:
-            return [_crf_one(*job) for job in jobs]
-        futures = [pool.submit(_crf_one, *job) for job in jobs]
-        return [f.result() for f in futures]
+            return [dense_crf(*job) for job in jobs]
+        try:
+            futures = [pool.submit(dense_crf, *job) for job in jobs]
+            return [f.result() for f in futures]
+        except BrokenProcessPool as e:
+            raise CamsegError(
+                f"the CRF process pool stopped ({e}); a script that runs stage pseudo must start "
+                'under `if __name__ == "__main__":` (the pool starts processes with spawn), '
+                "or set pseudo.crf_workers=0"
+            ) from None
 
     def close(self, cancel: bool = False) -> None:
         with self._lock:
@@ -190,6 +171,7 @@ def crf_refine(
     batch, _, height, width = cams.shape
     side = float(np.sqrt(height * width))
     sxy_px = (config.gaussian_sxy * side, config.bilateral_sxy * side)
+    compat = (config.gaussian_compat, config.bilateral_compat)
     probs = cams.detach().float().clamp(0, 1).cpu().numpy()
     keep = present.cpu().numpy()
     if images.dtype == torch.uint8:  # exact on 0..255 already; a quarter of the bytes to ship
@@ -205,7 +187,7 @@ def crf_refine(
         bg = (1.0 - fg.max(axis=0)) ** config.bg_power
         stack = np.concatenate([bg[None], fg]).astype(np.float32)
         stack /= np.maximum(stack.sum(axis=0, keepdims=True), 1e-8)
-        jobs.append((stack, pixels[b], config, sxy_px))
+        jobs.append((stack, pixels[b], config.iterations, sxy_px, compat, config.bilateral_srgb))
         where.append((b, classes))
     out = np.zeros_like(probs)
     results = (pool or CRFPool(0)).map(jobs)
