@@ -9,7 +9,8 @@ script times, on the same images:
   (c) a pool of N processes (``pseudo.crf_workers=N``), for each N, started beforehand
       (the start-up, once per stage-2 run, is printed apart).
 
-and prints images/s, the speed-up over (a) and the rate per core. The inputs are a bright
+and prints images/s, the speed-up over (a), the rate per core, the CPU time per image and
+how many cores the processes actually got (from /proc: on a shared machine, fewer than N). The inputs are a bright
 blob on a darker textured image with a blurred CAM, one class, the CRF of
 conf/pseudo/crf.yaml (10 iterations). Goal (issue 15): (c) with 2 processes >= 1.8x (a)
 on 2 cores. Example:
@@ -77,6 +78,17 @@ def best_of(repeats: int, fn: Callable[[], object]) -> float:
     return min(times)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by the processes ``pids`` (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def rate(n: int, seconds: float) -> str:
     return f"{n / seconds:7.2f} img/s"
 
@@ -93,9 +105,12 @@ def main() -> None:
     print(f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     crf_refine(cams[:1], present[:1], images[:1], config)  # imports, first-call costs
     reference = crf_refine(cams, present, images, config)
+    cpu = cpu_seconds([os.getpid()])
     base = best_of(args.repeats, lambda: crf_refine(cams, present, images, config))
+    cpu = (cpu_seconds([os.getpid()]) - cpu) / (args.repeats * args.images)
     print(
-        f"(a) in-process, sequential      {rate(args.images, base)}   1.00x  per core {args.images / base:.2f}"
+        f"(a) in-process, sequential      {rate(args.images, base)}   1.00x  per core "
+        f"{args.images / base:.2f}   CPU {cpu * 1000:.0f} ms/img (= {1 / cpu:.2f} img/s per busy core)"
     )
 
     def one(i: int) -> torch.Tensor:
@@ -120,12 +135,17 @@ def main() -> None:
         crf_refine(cams[: max(1, n)], present[: max(1, n)], images[: max(1, n)], config, pool)
         start = time.perf_counter() - t
         out = crf_refine(cams, present, images, config, pool)
+        executor = pool._executor()
+        pids = list(executor._processes) if executor is not None else [os.getpid()]
+        cpu, t = cpu_seconds(pids), time.perf_counter()
         sec = best_of(args.repeats, lambda p=pool: crf_refine(cams, present, images, config, p))
+        wall, cpu = time.perf_counter() - t, cpu_seconds(pids) - cpu
         pool.close()
         assert torch.equal(out, reference), "pool result differs from the in-process CRF"
         print(
-            f"(c) {n:2d} processes (crf_workers)  {rate(args.images, sec)}   {base / sec:.2f}x  "
-            f"per process {args.images / sec / max(1, n):.2f}   (start-up + first images {start:.1f} s)"
+            f"(c) {n:2d} {'processes' if n > 1 else 'in-process'} (crf_workers)  {rate(args.images, sec)}   {base / sec:.2f}x  "
+            f"per process {args.images / sec / max(1, n):.2f}   CPU {cpu / (args.repeats * args.images) * 1000:.0f} ms/img, "
+            f"the processes got {cpu / wall:.2f} cores   (start-up + first images {start:.1f} s)"
         )
     print("(c) results equal (a) bit for bit")
     print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
