@@ -3,7 +3,9 @@
 The LightningModule computes batched CAMs (TTA included) on the device and resizes them
 to each image's original size; the writer callback hands every sample to a thread pool
 that writes its mask, CAMs, overlay and manifest row, so disk I/O overlaps the next
-batches and memory does not grow with the dataset.
+batches and memory does not grow with the dataset. With a CRF, each thread hands its
+sample's CRF to a process pool (``pseudo.crf_workers``; pydensecrf holds the GIL, so
+threads alone would run it on one core) and waits for it.
 """
 
 from __future__ import annotations
