@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with CUDA: the tests marked `gpu`, then the CAM engine
-# benchmarks at the configuration the README's GPU table names (resnet50, 512 px, batch 32, bf16).
+# benchmarks at the configuration the README's GPU table names (resnet50, 512 px, batch 32, bf16),
+# then the throughput benchmarks (CRF process pool, data loading; docs/throughput.md).
 #
 #   bash scripts/gpu_check.sh            # logs under $OUT if set, else ./gpu-check/
 #
@@ -46,5 +47,16 @@ step bench_cam 200 "$PY" scripts/bench_cam.py --backbone resnet50 --size 512 --b
   --device cuda --precision bf16 --iters 10 --repeats 2
 step bench_pseudo 240 "$PY" scripts/bench_pseudo.py --images 1024 --size 512 --batch 32 \
   --backbone resnet50 --device cuda --precision bf16 --workers 14
+# Throughput (issue 15): the CRF in 1..16 processes (the old writer's 16 threads beside), and the
+# stage-1 loader against the bare training step, 2.5D with and without the decoded-slice cache.
+step bench_crf 300 "$PY" scripts/bench_crf.py --size 256 --images 64 --repeats 2 \
+  --workers 1 2 4 8 16 --thread-workers 16
+step bench_data 420 "$PY" scripts/bench_data.py --experiments synthetic hemorrhage lgg_mri \
+  --device cuda --precision bf16 --workers 7 14 --batches 40 --steps 20
+step bench_data_nocache 240 "$PY" scripts/bench_data.py --experiments hemorrhage \
+  --device cuda --precision bf16 --workers 7 14 --batches 40 --steps 20 \
+  --override data.decode_cache_mb=0
 tail -n 25 "$out"/bench_cam.log "$out"/bench_pseudo.log
+tail -n 12 "$out"/bench_crf.log
+grep -v -i warn "$out"/bench_data.log "$out"/bench_data_nocache.log | tail -n 30
 tail -n 3 "$out"/test_gpu.log

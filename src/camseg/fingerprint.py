@@ -71,6 +71,7 @@ _WHERE_AND_HOW_FAST = (
     "data.pin_memory",
     "data.persistent_workers",
     "data.prefetch_factor",
+    "data.decode_cache_mb",
     "data.eval_batch_size",
     # Derived into data.in_channels, which counts (with data.context_slices).
     "data.slice_channels",
@@ -123,6 +124,7 @@ SCOPES: dict[str, Scope] = {
             "cam.scorecam_batch_size",
             "pseudo.batch_size",
             "pseudo.overlays",
+            "pseudo.crf_workers",
         ),
     ),
     "audit": Scope(

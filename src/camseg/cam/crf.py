@@ -13,15 +13,21 @@ at 128, 256 or 512 px.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from camseg.errors import ConfigError
+from camseg.errors import CamsegError, ConfigError
 from camseg.optional import MissingPackageError, import_optional
 from camseg.units import KERNEL_WIDTHS, check_kernel_width
+from camseg.utils.densecrf import dense_crf
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,75 @@ def _intensity_0_255(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def default_crf_workers() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+class CRFPool:
+    """Runs the per-image CRF in ``workers`` processes: pydensecrf holds the GIL, so threads
+    do not scale. ``workers`` 0 or 1 runs it in the calling thread.
+
+    The pool uses the ``spawn`` start method (forking a process whose torch threads are
+    running is unsafe), is started on first use and lives until :meth:`close`; only numpy
+    arrays and numbers cross the process boundary, so the results
+    are those of the in-process CRF, bit for bit. Safe to share between threads.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 0:
+            raise ConfigError(f"pseudo.crf_workers={workers}: must be >= 0 (0 or 1: in-process)")
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ProcessPoolExecutor | None:
+        if self.workers <= 1:
+            return None
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn")
+                )
+            return self._pool
+
+    def map(self, jobs: list[tuple[Any, ...]]) -> list[np.ndarray]:
+        """:func:`camseg.utils.densecrf.dense_crf` over ``jobs`` (its arguments), in order."""
+        pool = self._executor()
+        if pool is None:
+            return [dense_crf(*job) for job in jobs]
+        try:
+            futures = [pool.submit(dense_crf, *job) for job in jobs]
+            return [f.result() for f in futures]
+        except BrokenProcessPool as e:
+            raise CamsegError(
+                f"the CRF process pool stopped ({e}); a script that runs stage pseudo must start "
+                'under `if __name__ == "__main__":` (the pool starts processes with spawn), '
+                "or set pseudo.crf_workers=0"
+            ) from None
+
+    def close(self, cancel: bool = False) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=cancel)
+                self._pool = None
+
+    def __enter__(self) -> CRFPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(cancel=exc[0] is not None)
+
+
 def crf_refine(
-    cams: torch.Tensor, present: torch.Tensor, images: torch.Tensor, config: CRFConfig
+    cams: torch.Tensor,
+    present: torch.Tensor,
+    images: torch.Tensor,
+    config: CRFConfig,
+    pool: CRFPool | None = None,
 ) -> torch.Tensor:
     """Refined foreground probabilities, (B,K,H,W) in [0,1], zero for absent classes.
 
@@ -88,19 +161,24 @@ def crf_refine(
         present: (B,K) bool, the classes in each image's label.
         images: (B,C,H,W) the images the CAMs belong to, same H,W.
         config: CRF parameters.
+        pool: where the per-image CRFs run (None: here, one after the other).
     """
-    dcrf, crf_utils = import_densecrf()
+    import_densecrf()
     if images.shape[0] != cams.shape[0] or images.shape[-2:] != cams.shape[-2:]:
         raise ValueError(
             f"CRF needs images of the CAMs' size: images {tuple(images.shape)}, cams {tuple(cams.shape)}"
         )
     batch, _, height, width = cams.shape
     side = float(np.sqrt(height * width))
-    gaussian_px, bilateral_px = config.gaussian_sxy * side, config.bilateral_sxy * side
+    sxy_px = (config.gaussian_sxy * side, config.bilateral_sxy * side)
+    compat = (config.gaussian_compat, config.bilateral_compat)
     probs = cams.detach().float().clamp(0, 1).cpu().numpy()
     keep = present.cpu().numpy()
-    pixels = _intensity_0_255(images)
-    out = np.zeros_like(probs)
+    if images.dtype == torch.uint8:  # exact on 0..255 already; a quarter of the bytes to ship
+        pixels = images.detach().permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    else:
+        pixels = _intensity_0_255(images)
+    jobs, where = [], []
     for b in range(batch):  # the CRF library works on one image at a time
         classes = np.flatnonzero(keep[b])
         if classes.size == 0:
@@ -109,19 +187,10 @@ def crf_refine(
         bg = (1.0 - fg.max(axis=0)) ** config.bg_power
         stack = np.concatenate([bg[None], fg]).astype(np.float32)
         stack /= np.maximum(stack.sum(axis=0, keepdims=True), 1e-8)
-        crf = dcrf.DenseCRF2D(width, height, stack.shape[0])
-        crf.setUnaryEnergy(np.ascontiguousarray(crf_utils.unary_from_softmax(stack, clip=1e-5)))
-        crf.addPairwiseGaussian(sxy=gaussian_px, compat=config.gaussian_compat)
-        channels = pixels.shape[-1]
-        bilateral = crf_utils.create_pairwise_bilateral(
-            sdims=(bilateral_px, bilateral_px),
-            schan=(config.bilateral_srgb,) * channels,
-            img=np.ascontiguousarray(pixels[b]),
-            chdim=2,
-        )
-        crf.addPairwiseEnergy(
-            np.ascontiguousarray(bilateral, dtype=np.float32), compat=config.bilateral_compat
-        )
-        refined = np.asarray(crf.inference(config.iterations), dtype=np.float32)
-        out[b, classes] = refined.reshape(-1, height, width)[1:]
+        jobs.append((stack, pixels[b], config.iterations, sxy_px, compat, config.bilateral_srgb))
+        where.append((b, classes))
+    out = np.zeros_like(probs)
+    results = (pool or CRFPool(0)).map(jobs)
+    for (b, classes), refined in zip(where, results, strict=True):
+        out[b, classes] = refined
     return torch.from_numpy(out).to(cams.device)

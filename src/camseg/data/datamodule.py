@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from camseg.data.folder import DatasetIndex, Sample, load_index
 from camseg.data.preprocess import Preprocessing, context_indices, to_channels
+from camseg.data.slice_cache import MIB, SliceCache
 from camseg.data.splits import assign_splits
 from camseg.data.transforms import build_transforms
 from camseg.errors import ConfigError, DatasetError
@@ -58,8 +59,11 @@ class SampleDataset(Dataset):
         preprocess: Preprocessing,
         full_res: bool = False,
         augment_seed: int | None = None,
+        decode_cache_bytes: int = 0,
     ) -> None:
         self.items = list(items)
+        # 2.5D: each slice is a neighbour of 2k+1 samples; decode it once (per worker).
+        self.slice_cache = SliceCache(decode_cache_bytes if preprocess.context_slices else 0)
         self.full_res = full_res
         self.transform = transform
         # Random augmentations are drawn per sample from (augment_seed, epoch, index), not
@@ -86,7 +90,7 @@ class SampleDataset(Dataset):
         planes = []
         for p in paths:
             try:
-                planes.append(to_channels(read_image(p), self.base_channels))
+                planes.append(self.slice_cache.get(p, self._decode))
             except DatasetError:
                 raise
             except Exception as e:
@@ -99,6 +103,9 @@ class SampleDataset(Dataset):
                 f"{item.image}: neighbouring slices differ in size {sorted(shapes)}; 2.5D needs equal sizes"
             )
         return np.concatenate(planes, axis=2)
+
+    def _decode(self, path: Path) -> np.ndarray:
+        return to_channels(read_image(path), self.base_channels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
@@ -253,8 +260,14 @@ class CamSegDataModule(L.LightningDataModule):
         slice_channels: int | None = None,
         cv_folds: int | None = None,
         cv_fold: int | None = None,
+        decode_cache_mb: float = 256,
     ) -> None:
         super().__init__()
+        if decode_cache_mb < 0:
+            raise ConfigError(
+                f"data.decode_cache_mb={decode_cache_mb}: must be >= 0 (0: no cache of decoded slices)"
+            )
+        self.decode_cache_bytes = int(decode_cache_mb * MIB)
         check_channel_counts(int(in_channels), slice_channels, int(context_slices))
         self.cv_folds, self.cv_fold = cv_folds, cv_fold
         self.root = Path(root)
@@ -389,7 +402,12 @@ class CamSegDataModule(L.LightningDataModule):
             self.image_size, self.train_augmentations if train else None, seed=seed
         )
         return SampleDataset(
-            self.items(split, masks), tf, self.input_preprocess, full_res, augment_seed=seed
+            self.items(split, masks),
+            tf,
+            self.input_preprocess,
+            full_res,
+            augment_seed=seed,
+            decode_cache_bytes=self.decode_cache_bytes,
         )
 
     def _loader(

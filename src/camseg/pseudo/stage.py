@@ -234,6 +234,7 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
             save_cams,
             overlay_ids,
             list(cfg.pseudo.sweep_thresholds),
+            crf_workers=crf_workers(cfg.pseudo.get("crf_workers")),
         )
         todo_ids = {s.id for s in todo}
         dataset = dm.dataset(dm.predict_split, train=False)
@@ -273,6 +274,17 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
     stop_if_uncovered_run(cfg, run, provenance)
     return result
+
+
+def crf_workers(value: Any) -> int | None:
+    """``pseudo.crf_workers``: None (this rank's share of the cores) or an int >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"pseudo.crf_workers={value!r}: must be null (all cores) or an int >= 0 (0/1: in-process)"
+        )
+    return value
 
 
 def finalize(

@@ -3,7 +3,9 @@
 The LightningModule computes batched CAMs (TTA included) on the device and resizes them
 to each image's original size; the writer callback hands every sample to a thread pool
 that writes its mask, CAMs, overlay and manifest row, so disk I/O overlaps the next
-batches and memory does not grow with the dataset.
+batches and memory does not grow with the dataset. With a CRF, each thread hands its
+sample's CRF to a process pool (``pseudo.crf_workers``; pydensecrf holds the GIL, so
+threads alone would run it on one core) and waits for it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from camseg.cam import PseudoMaskPolicy
-from camseg.cam.base import CamMethod
+from camseg.cam.base import CamMethod, present_mask
+from camseg.cam.crf import CRFPool, crf_refine, default_crf_workers
 from camseg.cam.policy import present_peak
 from camseg.constants import BACKGROUND, IGNORE_INDEX
 from camseg.overlap import confusion_counts
@@ -185,6 +188,7 @@ class PseudoLabelWriter(BasePredictionWriter):
         overlay_ids: set[str],
         sweep_thresholds: Sequence[float],
         workers: int = 4,
+        crf_workers: int | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         self.out = out_dir
@@ -195,16 +199,27 @@ class PseudoLabelWriter(BasePredictionWriter):
         self.overlay_ids = overlay_ids
         self.thresholds = list(sweep_thresholds)
         self.workers = workers
+        # None: this rank's share of the cores (each DDP rank on a node runs its own pool).
+        self.crf_workers = crf_workers
+        self._crf_pool: CRFPool | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._threads = workers
         self._pending: list[Future] = []
         self.written = 0
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for sub in ("masks", "rows", "overlays") + (("cams",) if self.save_cams else ()):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(
-            max_workers=self.workers, thread_name_prefix="camseg-writer"
-        )
+        threads = self.workers
+        if self.policy.crf is not None:
+            crf_workers = self.crf_workers
+            if crf_workers is None:
+                crf_workers = max(1, default_crf_workers() // max(1, trainer.num_devices))
+            self._crf_pool = CRFPool(crf_workers)
+            # A writer thread waits on its sample's CRF process: enough threads to keep all busy.
+            threads = max(threads, crf_workers + 1)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camseg-writer")
+        self._threads = threads
 
     def write_on_batch_end(
         self,
@@ -230,7 +245,7 @@ class PseudoLabelWriter(BasePredictionWriter):
                 )
             )
         # Bound the queue so memory stays flat: wait for the oldest writes to finish.
-        while len(self._pending) > 32 * self.workers:
+        while len(self._pending) > 32 * self._threads:
             self._pending.pop(0).result()
             self.written += 1
 
@@ -253,7 +268,14 @@ class PseudoLabelWriter(BasePredictionWriter):
                 2, 0, 1
             )[None]
             lab_t = torch.from_numpy(labels)[None]
-            probs_t = self.policy.probabilities(torch.from_numpy(probs)[None], lab_t, img_t)
+            assert self.policy.crf is not None
+            probs_t = crf_refine(
+                torch.from_numpy(probs)[None],
+                present_mask(lab_t, 1),
+                img_t,
+                self.policy.crf,
+                self._crf_pool,
+            )
             mask = self.policy.threshold(probs_t, lab_t)[0].numpy()
             mask = resize_nearest(mask.astype(np.uint8), *image.shape[:2])
             probs = probs_t[0].float().numpy()
@@ -326,7 +348,22 @@ class PseudoLabelWriter(BasePredictionWriter):
         self._pending.clear()
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._close(cancel=False)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # No orphaned CRF processes after a failed or interrupted run; files written so far
+        # are complete (atomic), the rest is redone on resume.
+        self._close(cancel=True)
+
+    def _close(self, cancel: bool) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
+        if self._crf_pool is not None:
+            self._crf_pool.close(cancel=cancel)
+            self._crf_pool = None
