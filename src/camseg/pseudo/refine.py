@@ -99,7 +99,9 @@ class _SaveLast(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
-        trainer.save_checkpoint(tmp, weights_only=False)  # a full checkpoint: resumable
+        # Lightning saves the full state by default (weights, optimizer, loops): resumable. It is
+        # read back only through camseg.checkpoints (weights_only=True).
+        trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 
