@@ -59,7 +59,7 @@ PYEOF
 step "camseg debug=fast (in $WORK/user)"
 env -u CAMSEG_CONF_DIR -u PYTHONPATH "$WORK/venv/bin/camseg" debug=fast run_name=wheel logger=default
 test -f runs/wheel/seg/checkpoints/best.ckpt
-test -d data && test -d logs
+test -d data && test -d runs/wheel/hydra  # Hydra's run log lives in the run directory
 test ! -e "$SITE/runs" && test ! -e "$SITE/data"
 
 step "camseg-predict"
