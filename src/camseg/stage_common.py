@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from camseg import fingerprint
 from camseg.errors import CamsegError
-from camseg.utils.io import read_json
+from camseg.utils.io import read_json, write_json_atomic
 
 if TYPE_CHECKING:
     import lightning as L
@@ -99,6 +99,12 @@ class ResumePlan:
         )
         metrics: dict[str, Any] = read_json(self.metrics_path)
         return metrics
+
+    def finish(self, metrics: Mapping[str, Any], current: fingerprint.Fingerprint) -> None:
+        """Write the stage's metrics, then mark its fingerprint finished (in that order: a
+        finished fingerprint promises the metrics beside it)."""
+        write_json_atomic(self.metrics_path, metrics)
+        fingerprint.write(self.out, replace(current, finished=True))
 
     def check_interrupted(self, current: fingerprint.Fingerprint) -> None:
         """Refuse to resume an interrupted training started with other settings or inputs."""

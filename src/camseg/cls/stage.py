@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +26,6 @@ from camseg.stage_common import (
     plan_resume,
 )
 from camseg.training import build_trainer, check_monitor, save_config
-from camseg.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +140,7 @@ def run_cls(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     ev = fit_and_evaluate(trainer, module, dm, out, ckpt_path)
     metrics = _metrics(dm, multilabel, monitor, ev)
     if trainer.is_global_zero:
-        write_json_atomic(plan.metrics_path, metrics)
-        fingerprint.write(out, replace(fp, finished=True))
+        plan.finish(metrics, fp)
     log.info(
         "stage cls: val/auroc=%.4f test/auroc=%.4f -> %s",
         metrics["val"].get("val/auroc", float("nan")),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +173,7 @@ def run_seg(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                 len(masks),
             )
     final = _final(history, job, out)
-    write_json_atomic(plan.metrics_path, final)
-    fingerprint.write(out, replace(fp, finished=True))
+    plan.finish(final, fp)
     log.info(
         "stage seg: test Dice %.4f IoU %.4f -> %s",
         final["test"].get("test/dice", float("nan")),
