@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from camseg.checkpoints import (
@@ -29,8 +28,7 @@ from camseg.pseudo.refine import refine_mode
 from camseg.refine.net import affinity_loss
 from camseg.refine.pairs import grid_labels, local_offsets, pair_targets
 from camseg.refine.walk import neighbourhood, random_walk, transition, walk_cams
-
-REPO = Path(__file__).resolve().parents[1]
+from test_pipeline import make_cfg
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,19 +163,7 @@ def test_affinity_loss_balances_its_three_terms() -> None:
 
 
 def _cfg(root: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                "debug=fast",
-                f"paths.root_dir={root}",
-                "run_name=t",
-                "data.synthetic.patients=8",
-                "data.synthetic.slices_per_patient=4",
-                "data.synthetic.size=48",
-                *overrides,
-            ],
-        )
+    return make_cfg(root, *overrides)  # the pipeline tests' tiny debug=fast config
 
 
 @pytest.mark.parametrize(
