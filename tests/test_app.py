@@ -24,6 +24,7 @@ COMMANDS = {
     "unknown_stage": ["stages=[cls,bogus]"],
     "missing_run": ["stages=[pseudo]", "run_name=nope"],
     "unknown_key": ["foo=1"],
+    "moved_key": ["seg.arch=FPN"],
 }
 
 
@@ -87,3 +88,8 @@ def test_later_stage_without_its_run_directory(runs: tuple[Path, dict[str, Resul
 def test_unknown_config_key(runs: tuple[Path, dict[str, Result]]) -> None:
     line = assert_one_line_error(runs[1]["unknown_key"])
     assert "foo" in line
+
+
+def test_moved_key_gives_the_new_spelling(runs: tuple[Path, dict[str, Result]]) -> None:
+    line = assert_one_line_error(runs[1]["moved_key"])
+    assert line == "camseg: error: seg.arch=FPN: seg.arch is now seg.net.arch (seg.net.arch=FPN)"

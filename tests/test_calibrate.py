@@ -125,7 +125,7 @@ def _cfg(root: Path, data: Path, *extra: str):
                 "data.num_workers=0",
                 "data.val_fraction=0.25",
                 "data.test_fraction=0.25",
-                "seg.encoder_name=resnet18",
+                "seg.net.encoder_name=resnet18",
                 "pseudo.min_positive_coverage=0",
                 "pseudo.calibration.fg_thresholds=[0.3,0.5,0.7]",
                 "pseudo.calibration.crf_bg_powers=[0.5]",

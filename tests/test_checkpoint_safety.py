@@ -47,7 +47,7 @@ DATA = (
     "data.synthetic.slices_per_patient=3",
     f"data.synthetic.size={SIZE}",
     f"data.image_size={SIZE}",
-    "seg.encoder_name=resnet18",
+    "seg.net.encoder_name=resnet18",
 )
 
 

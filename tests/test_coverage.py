@@ -245,7 +245,7 @@ def overrides(root: Path, data: Path, *extra: str) -> list[str]:
         "model.max_epochs=5",
         "model.monitor=val/loss",
         "model.monitor_mode=min",
-        "seg.encoder_name=resnet18",
+        "seg.net.encoder_name=resnet18",
         *extra,
     ]
 
@@ -393,3 +393,4 @@ def test_a_healthy_policy_on_the_same_classifier_is_not_stopped(stopped, tmp_pat
     q = json.loads((root / "runs/t/pseudo/quality.json").read_text())
     assert q["coverage"]["per_class"]["lesion"]["positive_coverage"] >= 0.5
     assert "## Warnings" not in (root / "runs/t/report.md").read_text()
+

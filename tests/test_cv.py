@@ -179,7 +179,7 @@ def test_cv_multirun_end_to_end(tmp_path: Path) -> None:
         "data.synthetic.patients=8",
         "data.synthetic.slices_per_patient=4",
         "data.synthetic.size=48",
-        "seg.encoder_name=resnet18",
+        "seg.net.encoder_name=resnet18",
         "pseudo.min_positive_coverage=0",
         "cv.folds=2",
         "cv.fold=0,1",

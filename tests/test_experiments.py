@@ -21,9 +21,9 @@ SUBTYPES = ("Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural", 
 
 SHRINK = [
     "model.net.pretrained=false",
-    "seg.encoder_weights=null",
+    "seg.net.encoder_weights=null",
     "model.net.backbone=resnet18",
-    "seg.encoder_name=resnet18",
+    "seg.net.encoder_name=resnet18",
     "model.max_epochs=1",
     "seg.max_epochs=1",
     "data.image_size=32",

@@ -363,3 +363,38 @@ def test_deleted_pseudo_mask_is_rewritten_alone_and_the_segmenter_kept(
     seg_metrics = (run / "seg/metrics.json").read_bytes()
     run_pipeline(make_cfg(root, data, "stages=[seg]"))  # same pseudo-masks: reused
     assert (run / "seg/metrics.json").read_bytes() == seg_metrics
+
+
+# ------------------------------------------------------------------ keys that moved
+
+
+def test_a_segmenter_fingerprinted_before_seg_net_existed_still_matches(
+    tmp_path: Path, data: Path
+) -> None:
+    """Issue 16: ``seg.arch`` & co. moved under ``seg.net`` and the loss became a partial; a
+    stage 3 recorded with the flat layout is still recognised as complete."""
+    cfg = make_cfg(tmp_path, data, "seg.net.model_kwargs={decoder_channels:[16,8,8,8,8]}")
+    current = fingerprint.compute("seg", cfg, {"labels.csv": "a"})
+    flat = {
+        k: v
+        for k, v in current.config.items()
+        if not k.startswith(("seg.net.", "seg.loss._target_", "seg.loss._partial_"))
+    }
+    # What camseg wrote before the move, for the same settings.
+    flat |= {
+        "seg.arch": "Unet",
+        "seg.encoder_name": "resnet18",
+        "seg.encoder_weights": None,
+        "seg.model_kwargs.decoder_channels": [16, 8, 8, 8, 8],
+    }
+    stage_dir = tmp_path / "seg"
+    stage_dir.mkdir()
+    old = Fingerprint("seg", flat, {"labels.csv": "a"}, finished=True)
+    (stage_dir / fingerprint.FILENAME).write_text(json.dumps(old.to_json()))
+    assert fingerprint.check(stage_dir, current) is True
+    # A real change of a moved key is still seen, under its new name.
+    fpn = fingerprint.compute("seg", make_cfg(tmp_path, data, "seg=fpn"), {"labels.csv": "a"})
+    with pytest.raises(CamsegError) as e:
+        fingerprint.check(stage_dir, fpn)
+    assert "seg.net.arch: Unet -> FPN" in one_line(e)
+    assert "seg.arch" not in one_line(e).replace("seg.net.arch", "")

@@ -32,7 +32,7 @@ def make_cfg(root: Path, *overrides: str):
                 "data.synthetic.patients=8",
                 "data.synthetic.slices_per_patient=4",
                 "data.synthetic.size=48",
-                "seg.encoder_name=resnet18",
+                "seg.net.encoder_name=resnet18",
                 *overrides,
             ],
         )
@@ -411,3 +411,4 @@ def test_best_round_follows_the_monitor_and_its_mode() -> None:
     assert best_round(rounds, "m", "min") == 2
     assert best_round([*rounds, {"round": 4, "m": float("nan")}], "m", "max") is None
     assert best_round([{"round": 1}], "m", "max") is None  # no validation score
+

@@ -77,7 +77,7 @@ def two_class_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
                 f"model.multilabel={multilabel}",
                 "model.monitor=val/loss",
                 "model.monitor_mode=min",
-                "seg.encoder_name=resnet18",
+                "seg.net.encoder_name=resnet18",
             ],
         )
     run_pipeline(cfg)

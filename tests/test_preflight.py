@@ -375,3 +375,47 @@ def test_cli_refusals_are_one_line_with_status_2(tmp_path: Path) -> None:
     # Hydra's log folder is named after run_name too: refused before it is made.
     assert "run_name='../../victim': must be a single folder name" in results["victim"][0][1]
     assert not (tmp_path / "victim").exists()
+
+
+# --- keys that moved --------------------------------------------------------------------------
+
+
+def test_moved_seg_keys_are_refused_with_their_new_spelling(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        preflight.check_overrides(["seg.arch=FPN", "seed=3", "+seg.encoder_name=resnet34"])
+    assert str(e.value) == (
+        "seg.arch=FPN: seg.arch is now seg.net.arch (seg.net.arch=FPN); "
+        "+seg.encoder_name=resnet34: seg.encoder_name is now seg.net.encoder_name "
+        "(seg.net.encoder_name=resnet34)"
+    )
+    with pytest.raises(ConfigError, match=r"seg\.net\.model_kwargs\.decoder_channels=\[8\]"):
+        preflight.check_overrides(["seg.model_kwargs.decoder_channels=[8]"])
+    # The loss kept its place: its old spelling still works.
+    preflight.check_overrides(["seg.loss.name=dice", "seg.net.arch=FPN", "seg=fpn"])
+    # A config file of the user's that still says seg.arch: refused before stage 1.
+    cfg = make_cfg(tmp_path, "+seg.encoder_weights=imagenet")
+    with pytest.raises(ConfigError) as e:
+        preflight.check_config(cfg)
+    assert str(e.value) == (
+        "seg.encoder_weights (in a config file) is now seg.net.encoder_weights: move it there"
+    )
+
+
+def test_seg_net_builds_only_what_a_checkpoint_can_rebuild(tmp_path: Path) -> None:
+    from camseg.checkpoints import segmenter_kwargs
+    from camseg.seg.stage import net_factory
+
+    factory, record = net_factory(make_cfg(tmp_path, "seg=fpn", "seg.net.encoder_name=resnet34"))
+    assert record == {
+        "arch": "FPN",
+        "encoder_name": "resnet34",
+        "encoder_weights": None,
+        "model_kwargs": None,
+    }
+    stored = {**record, "in_channels": 1, "num_classes": 2}
+    rebuilt = segmenter_kwargs(stored, "ckpt")  # the checkpoint's whitelist accepts the record
+    assert rebuilt["arch"] == "FPN" and rebuilt["encoder_name"] == "resnet34"
+    net = factory(in_channels=1, num_classes=2)
+    assert type(net).__name__ == "FPN" and net.segmentation_head[0].out_channels == 3
+    with pytest.raises(ConfigError, match=r"^seg\.net\._target_=torch\.nn\.Identity: stage 3"):
+        net_factory(make_cfg(tmp_path, "seg.net._target_=torch.nn.Identity"))

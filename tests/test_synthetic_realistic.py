@@ -225,7 +225,7 @@ def test_hydra_experiment_generates_the_preset_on_first_use(tmp_path: Path) -> N
         )
     assert cfg.data.in_channels == 3 and cfg.data.image_size == 256
     assert cfg.model.net.output_stride == 8 and cfg.model.net.pretrained is False
-    assert cfg.data.context_slices == 0 and cfg.seg.encoder_weights is None
+    assert cfg.data.context_slices == 0 and cfg.seg.net.encoder_weights is None
     root = Path(cfg.data.root)
     assert root.parent == tmp_path / "data" and "realistic-hemorrhage" in root.name
     dm = CamSegDataModule(

@@ -75,8 +75,15 @@ def _precheck_overrides(argv: list[str]) -> str | None:
 
     Hydra reports a bad override (unknown key, unknown group option) in several lines;
     single runs are checked here first so the user gets one line. Sweeps (``-m``) are
-    left to Hydra, since their values are not single overrides.
+    left to Hydra, since their values are not single overrides; keys that moved are
+    refused in both, with their new spelling.
     """
+    from camseg.preflight import check_config, check_overrides
+
+    try:
+        check_overrides([a for a in argv if not a.startswith("-") and "=" in a])
+    except CamsegError as e:
+        return str(e)
     if any(a in ("-m", "--multirun") for a in argv) or any(
         a.startswith("-") and a not in ("--cfg", "-c") for a in argv
     ):
@@ -98,8 +105,6 @@ def _precheck_overrides(argv: list[str]) -> str | None:
             msg += f" ({str(e.__cause__).strip().splitlines()[0]})"
         return msg or type(e).__name__
     # Before Hydra makes its log folder, which is named after run_name.
-    from camseg.preflight import check_config
-
     try:
         check_config(cfg)
     except CamsegError as e:

@@ -212,7 +212,35 @@ NEUTRAL: dict[str, Any] = {
     "pseudo.calibration.min_component_sizes": [0.0, 1.0e-4, 5.0e-4],
     "pseudo.calibration.crf_bg_powers": [0.25, 0.5, 1.0],
     "pseudo.calibration.max_missed_as_background": 0.05,
+    # issue 16: stage 3's network and loss became partials (see MOVED)
+    "seg.net._target_": "camseg.models.segmenter.build_segmentation_net",
+    "seg.net._partial_": True,
+    "seg.loss._target_": "camseg.seg.losses.build_loss",
+    "seg.loss._partial_": True,
 }
+
+# Config keys that moved (old -> new; a key's children move with it). A recorded fingerprint
+# is read with the new names, so a stage finished before the move still matches; the
+# preflight refuses the old names in one line that gives the new ones.
+MOVED: dict[str, str] = {
+    "seg.arch": "seg.net.arch",
+    "seg.encoder_name": "seg.net.encoder_name",
+    "seg.encoder_weights": "seg.net.encoder_weights",
+    "seg.model_kwargs": "seg.net.model_kwargs",
+}
+
+
+def moved_to(key: str) -> str | None:
+    """The new name of ``key`` (or of a key under it) when it moved; None otherwise."""
+    for old, new in MOVED.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old) :]
+    return None
+
+
+def migrate(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded (flat) config with the keys that moved since under their new names."""
+    return {moved_to(k) or k: v for k, v in config.items()}
 
 
 def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
@@ -384,7 +412,7 @@ def read(stage_dir: Path) -> Fingerprint | None:
         finished = data.get("finished")
         return Fingerprint(
             str(data["stage"]),
-            dict(data["config"]),
+            migrate(data["config"]),
             dict(data["inputs"]),
             None if finished is None else bool(finished),
         )

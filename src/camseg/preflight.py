@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from camseg.data.folder import DatasetIndex, check_root
 from camseg.errors import ConfigError
+from camseg.fingerprint import MOVED, moved_to
 from camseg.resolvers import check_in_channels
 from camseg.rundir import RunDir, check_output_subdir, check_run_name
 from camseg.utils.io import read_json, write_json_atomic
@@ -138,6 +139,34 @@ def _select(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key}: cannot be read ({first}); set it, e.g. {key}=...") from None
 
 
+def _moved(key: str, value: str | None) -> str | None:
+    """``seg.arch is now seg.net.arch (seg.net.arch=FPN)`` when ``key`` moved, else None;
+    ``value`` None: the key comes from a config file."""
+    new = moved_to(key)
+    if new is None:
+        return None
+    if value is None:
+        return f"{key} (in a config file) is now {new}: move it there"
+    return f"{key} is now {new} ({new}={value})"
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse command-line overrides of keys that moved, naming the new spelling, before
+    Hydra composes (whose own error would say only that the key is not in the config).
+
+    Raises:
+        ConfigError: ``seg.arch=FPN: seg.arch is now seg.net.arch (seg.net.arch=FPN)``.
+    """
+    errors = []
+    for arg in overrides:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        error = _moved(key.split("@")[0], value if eq else "...")
+        if error:
+            errors.append(f"{arg}: {error}")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
 def check_config(cfg: DictConfig) -> None:
     """Run name, output folder, and the types and ranges of the keys that fail late today.
 
@@ -152,6 +181,9 @@ def check_config(cfg: DictConfig) -> None:
             "(data.root=/path/to/dataset), or use data=synthetic"
         )
     errors: list[str] = []
+    for key in MOVED:  # set by a config file of the user's (overrides: check_overrides)
+        if _select(cfg, key) is not _ABSENT:
+            errors.append(_moved(key, None) or key)
     values: dict[str, Any] = {}
     for rule in RULES:
         value = _select(cfg, rule.key)

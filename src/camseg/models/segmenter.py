@@ -35,17 +35,17 @@ def build_segmentation_net(
             **dict(model_kwargs or {}),
         )
     except TypeError as e:
-        raise ConfigError(f"seg.model_kwargs: {e}") from None
+        raise ConfigError(f"seg.net.model_kwargs: {e}") from None
     except KeyError as e:
         raise ConfigError(
-            f"seg.arch='{arch}' / seg.encoder_name='{encoder_name}': unknown to segmentation-models-pytorch ({e})"
+            f"seg.net.arch='{arch}' / seg.net.encoder_name='{encoder_name}': unknown to segmentation-models-pytorch ({e})"
         ) from None
     except Exception as e:
         if encoder_weights and any(
             s in str(e).lower() for s in ("url", "connection", "resolve", "http", "network")
         ):
             raise ConfigError(
-                f"seg.encoder_weights={encoder_weights}: download failed ({type(e).__name__}); no internet? set seg.encoder_weights=null"
+                f"seg.net.encoder_weights={encoder_weights}: download failed ({type(e).__name__}); no internet? set seg.net.encoder_weights=null"
             ) from None
         raise
 

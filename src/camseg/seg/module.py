@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ class SegmenterModule(L.LightningModule):
     Args:
         net: an smp model with K+1 output channels.
         class_names: the K foreground classes.
-        loss: ``build_loss`` keyword arguments (``name``, weights, ...).
+        loss: the loss module (``seg.loss`` instantiated; kept out of hparams), or
+            ``build_loss`` keyword arguments (``name``, weights, ...).
         optimizer, scheduler: Hydra partials.
         net_config: what built ``net`` (stored for ``camseg-predict``).
         preprocess: the preprocessing record (``Preprocessing.to_dict()``) stored in the
@@ -59,7 +60,7 @@ class SegmenterModule(L.LightningModule):
         self,
         net: nn.Module,
         class_names: Sequence[str],
-        loss: dict[str, Any],
+        loss: nn.Module | Mapping[str, Any],
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         net_config: dict | None = None,
@@ -70,11 +71,15 @@ class SegmenterModule(L.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
         self.net = net
         self.class_names = list(class_names)
         k = len(self.class_names)
-        self.loss_fn = build_loss(**{"name": "dice_ce", **dict(loss)}, num_classes=k)
+        self.loss_fn = (
+            loss
+            if isinstance(loss, nn.Module)
+            else build_loss(**{"name": "dice_ce", **dict(loss)}, num_classes=k)
+        )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_metrics = SegMetrics(k, self.class_names, prefix="val/")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
+from torch import nn
 
 from camseg import fingerprint
 from camseg.checkpoints import check_resumable, check_segmenter, resume_context
@@ -93,18 +96,29 @@ def monitor_and_mode(seg: DictConfig, val_has_gt: bool) -> tuple[str, str]:
     return monitor, mode
 
 
+def net_factory(cfg: DictConfig) -> tuple[Callable[..., nn.Module], dict[str, Any]]:
+    """``seg.net`` instantiated (a partial of ``build_segmentation_net``) and the record of its
+    arguments that a checkpoint stores (``net_config`` less the data-given ``in_channels``
+    and ``num_classes``). Only camseg's builder is accepted: a checkpoint must be rebuildable
+    from its plain record, without calling a ``_target_``."""
+    try:
+        factory = instantiate(cfg.seg.net, _convert_="all")
+    except InstantiationException as e:
+        raise ConfigError(f"seg.net: {str(e).strip().splitlines()[0]}") from None
+    if getattr(factory, "func", None) is not build_segmentation_net:
+        raise ConfigError(
+            f"seg.net._target_={cfg.seg.net.get('_target_')}: stage 3 builds its network with "
+            "camseg.models.segmenter.build_segmentation_net (_partial_: true), the one a "
+            "checkpoint can be rebuilt with"
+        )
+    return factory, dict(factory.keywords)
+
+
 def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule:
     s = cfg.seg
-    net_cfg = {
-        "arch": str(s.arch),
-        "encoder_name": str(s.encoder_name),
-        "encoder_weights": s.get("encoder_weights"),
-        "in_channels": dm.in_channels,
-        "num_classes": dm.num_classes,
-        "model_kwargs": OmegaConf.to_container(s.model_kwargs, resolve=True)
-        if s.get("model_kwargs")
-        else {},
-    }
+    factory, kwargs = net_factory(cfg)
+    data_given = {"in_channels": dm.in_channels, "num_classes": dm.num_classes}
+    net_cfg = {**kwargs, **data_given, "model_kwargs": kwargs.get("model_kwargs") or {}}
     data_cfg = {
         "image_size": dm.image_size,
         "in_channels": dm.in_channels,
@@ -113,9 +127,9 @@ def _module(cfg: DictConfig, dm: CamSegDataModule, out: Path) -> SegmenterModule
         "std": list(dm.std),
     }
     module = SegmenterModule(
-        net=build_segmentation_net(**net_cfg),
+        net=factory(**data_given),
         class_names=dm.classes,
-        loss=OmegaConf.to_container(s.loss, resolve=True),  # type: ignore[arg-type]
+        loss=instantiate(s.loss, _convert_="all")(num_classes=dm.num_classes),
         optimizer=instantiate(s.optimizer),
         scheduler=instantiate(s.scheduler) if s.get("scheduler") else None,
         net_config=net_cfg,
@@ -259,8 +273,8 @@ def _train_round(
     result: dict[str, Any] = {
         "stage": "seg",
         "round": r,
-        "arch": str(cfg.seg.arch),
-        "encoder": str(cfg.seg.encoder_name),
+        "arch": str(cfg.seg.net.arch),
+        "encoder": str(cfg.seg.net.encoder_name),
         "monitor": job.monitor,
         "best_checkpoint": str(ev.best),
         "epochs": ev.epochs,
