@@ -412,3 +412,27 @@ def test_best_round_follows_the_monitor_and_its_mode() -> None:
     assert best_round([*rounds, {"round": 4, "m": float("nan")}], "m", "max") is None
     assert best_round([{"round": 1}], "m", "max") is None  # no validation score
 
+
+def test_null_eval_batch_size_means_the_training_batch_size(
+    full_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.eval_batch_size=null (which pseudo.batch_size follows) used to crash stage 2 on
+    int(None); null means data.batch_size, as seg.batch_size=null does."""
+    from camseg.data.datamodule import CamSegDataModule
+
+    sizes: list[int] = []
+    loader = CamSegDataModule._loader
+
+    def spy(self, ds, shuffle, batch_size, split=None):  # type: ignore[no-untyped-def]
+        sizes.append(batch_size)
+        return loader(self, ds, shuffle, batch_size, split)
+
+    monkeypatch.setattr(CamSegDataModule, "_loader", spy)
+    root = copy_run(full_run, tmp_path / "r")
+    cfg = make_cfg(root, "stages=[pseudo]", "force=true", "data.eval_batch_size=null")
+    assert cfg.pseudo.batch_size is None and cfg.data.batch_size == 8
+    run_pipeline(cfg)
+    assert sizes and set(sizes) == {8}
+    manifest = json.loads((root / "runs/t/pseudo/manifest.json").read_text())
+    original = json.loads((full_run / "runs/t/pseudo/manifest.json").read_text())
+    assert [s["id"] for s in manifest["samples"]] == [s["id"] for s in original["samples"]]

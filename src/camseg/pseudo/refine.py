@@ -231,7 +231,7 @@ def refine_samples(
     ds = dm.dataset(dm.predict_split, train=False)
     ds.items = [it for it in ds.items if it.id in wanted]
     paths = {it.id: (it.image, it.mask) for it in ds.items}
-    loader = dm._loader(ds, False, int(cfg.pseudo.get("batch_size", dm.eval_batch_size)))
+    loader = dm._loader(ds, False, int(cfg.pseudo.get("batch_size") or dm.eval_batch_size))
     device = next(net.parameters()).device
     thresholds = list(cfg.pseudo.sweep_thresholds)
     for batch in loader:

@@ -240,7 +240,9 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         dataset = dm.dataset(dm.predict_split, train=False)
         dataset.items = [it for it in dataset.items if it.id in todo_ids]
         loader = dm._loader(
-            dataset, shuffle=False, batch_size=int(cfg.pseudo.get("batch_size", dm.eval_batch_size))
+            dataset,
+            shuffle=False,
+            batch_size=int(cfg.pseudo.get("batch_size") or dm.eval_batch_size),
         )
         module = CamPredictModule(
             model,
