@@ -394,3 +394,78 @@ def test_a_healthy_policy_on_the_same_classifier_is_not_stopped(stopped, tmp_pat
     assert q["coverage"]["per_class"]["lesion"]["positive_coverage"] >= 0.5
     assert "## Warnings" not in (root / "runs/t/report.md").read_text()
 
+
+# --- the CAM support follows the policy's threshold rule ------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["absolute", "max_fraction", "mass_quantile"])
+def test_cam_support_reads_fg_threshold_under_the_threshold_rule(rule: str, tmp_path: Path) -> None:
+    """Under a relative rule, fg_threshold is not a CAM value: the coverage's CAM support is
+    the area the masks' own foreground test passes (it read 0.5 as absolute before)."""
+    from types import SimpleNamespace
+
+    from camseg.cam import PseudoMaskPolicy
+    from camseg.pseudo.writer import PseudoLabelWriter, SampleInfo
+    from camseg.utils.io import save_png_atomic
+
+    h, w = 16, 20
+    ramp = torch.linspace(0, 0.4, h * w).reshape(1, 1, h, w)  # peak 0.4 < fg_threshold 0.5
+    cams = torch.cat([ramp, ramp.flip(-1) * 0.5], dim=1)  # (1,2,H,W), two classes
+    save_png_atomic(tmp_path / "im.png", np.zeros((h, w), np.uint8))
+    samples = {"s": SampleInfo("s", "im.png", tmp_path / "im.png", None, "p")}
+    policy = PseudoMaskPolicy(fg_threshold=0.5, bg_threshold=0.1, threshold_rule=rule)
+    writer = PseudoLabelWriter(tmp_path / "out", samples, policy, 2, False, set(), [0.5])
+    trainer = SimpleNamespace(num_devices=1)
+    writer.on_predict_start(trainer, None)  # type: ignore[arg-type]
+    labels = torch.tensor([[1, 1]], dtype=torch.uint8)
+    masks = policy(cams, labels)
+    prediction = {"ids": ["s"], "labels": labels, "cams": list(cams), "masks": list(masks)}
+    writer.write_on_batch_end(trainer, None, prediction, None, None, 0, 0)  # type: ignore[arg-type]
+    writer.on_predict_end(trainer, None)  # type: ignore[arg-type]
+    row = json.loads((tmp_path / "out/rows/s.json").read_text())
+    # Computed independently of camseg, pixel by pixel, per class.
+    expected = []
+    for k in range(2):
+        m = cams[0, k].numpy().astype(np.float64).ravel()
+        if rule == "absolute":
+            t = 0.5
+        elif rule == "max_fraction":
+            t = 0.5 * m.max()
+        else:  # the smallest value whose pixels at or below it hold half the map's mass
+            v = np.sort(m)
+            t = v[np.searchsorted(np.cumsum(v) / v.sum(), 0.5)]
+        expected.append(float(np.mean(m >= t - 1e-7)))
+    assert row["cam_support"] == pytest.approx(expected, abs=1e-3)
+    if rule == "absolute":
+        assert row["cam_support"] == [0.0, 0.0]
+    else:  # the masks' foreground lies inside the support of its class
+        assert 0 < row["cam_support"][0] < 1 and row["class_fraction"][0] > 0
+        assert row["class_fraction"][0] <= row["cam_support"][0] + 1e-6
+
+
+@pytest.mark.parametrize("rule", ["absolute", "max_fraction", "mass_quantile"])
+def test_quality_sweep_reads_its_thresholds_under_the_threshold_rule(rule: str) -> None:
+    """quality.json's sweep at threshold t scores the masks the policy makes with
+    fg_threshold = bg_threshold = t under the same rule (it read t as absolute before)."""
+    from camseg.cam import PseudoMaskPolicy
+    from camseg.pseudo.writer import sweep_counts
+
+    g = torch.Generator().manual_seed(3)
+    cams = (torch.rand(1, 2, 12, 10, generator=g) * 0.4).numpy()  # peaks below 0.5
+    labels = np.array([1, 1], np.uint8)
+    gt = np.zeros((12, 10), np.uint8)
+    gt[2:7, 3:8], gt[8:11, 1:4] = 1, 2
+    thresholds = [0.3, 0.5, 0.8]
+    counts = sweep_counts(cams[0], labels, gt, thresholds, rule)
+    for t, got in zip(thresholds, counts, strict=True):
+        policy = PseudoMaskPolicy(fg_threshold=t, bg_threshold=t, threshold_rule=rule)
+        mask = policy(torch.from_numpy(cams), torch.from_numpy(labels)[None])[0].numpy()
+        assert not (mask == 255).any()  # no ignore band when fg = bg
+        expected = [
+            [int(((mask == k) & (gt == k)).sum()), int(((mask == k) & (gt != k)).sum()),
+             int(((mask != k) & (gt == k)).sum())]
+            for k in (1, 2)
+        ]  # fmt: skip
+        assert got == expected, (t, got, expected)
+    if rule != "absolute":  # thresholds above the peaks still find foreground
+        assert counts[1][0][0] > 0

@@ -22,14 +22,6 @@ from camseg.errors import ConfigError
 from camseg.units import THRESHOLD_RULES, check_min_component_size
 
 
-def present_peak(cams: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,K,H,W) maps and (B,K) bool -> the largest present-class map (B,H,W) and its 1-based
-    class (B,H,W) uint8; the peak is -1, below every threshold, where no class is present."""
-    masked = torch.where(present[:, :, None, None].to(cams.device), cams, -1.0)
-    peak, index = masked.max(dim=1)
-    return peak, (index + 1).to(torch.uint8)
-
-
 def mass_quantiles(maps: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
     """(B,K,H,W) maps >= 0 and (Q,) fractions in [0,1] -> (Q,B,K) map values.
 
@@ -61,6 +53,20 @@ def rule_thresholds(maps: torch.Tensor, rule: str, value: float) -> torch.Tensor
     raise ConfigError(f"pseudo.threshold_rule='{rule}': choose one of {list(THRESHOLD_RULES)}")
 
 
+def rule_thresholds_many(maps: torch.Tensor, rule: str, values: list[float]) -> list[Any]:
+    """:func:`rule_thresholds` for each of ``values`` (a mass quantile sorts the maps once)."""
+    if rule == "mass_quantile":
+        return list(mass_quantiles(maps, torch.tensor(values)))
+    return [rule_thresholds(maps, rule, v) for v in values]
+
+
+def passes(maps: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """(B,K,H,W) maps and a threshold (a number or (B,K) per image and class) -> (B,K,H,W)
+    bool: ``map >= threshold``."""
+    t = torch.as_tensor(threshold, dtype=maps.dtype, device=maps.device)
+    return maps >= (t[:, :, None, None] if t.ndim == 2 else t)
+
+
 def threshold_cams(
     cams: torch.Tensor,
     present: torch.Tensor,
@@ -74,17 +80,11 @@ def threshold_cams(
     ``bg_threshold``, or where no class is present; ignore (255) in between. Thresholds
     are numbers or (B,K) tensors (per image and class). Absent classes never win.
     """
-    fg_t = torch.as_tensor(fg_threshold, dtype=cams.dtype, device=cams.device)
-    bg_t = torch.as_tensor(bg_threshold, dtype=cams.dtype, device=cams.device)
-    if fg_t.ndim == 2:
-        fg_t = fg_t[:, :, None, None]
-    if bg_t.ndim == 2:
-        bg_t = bg_t[:, :, None, None]
     here = present[:, :, None, None].to(cams.device)
-    above = (cams >= fg_t) & here
+    above = passes(cams, fg_threshold) & here
     _, index = torch.where(above, cams, -1.0).max(dim=1)
     label = (index + 1).to(torch.uint8)
-    background = ((cams < bg_t) | ~here).all(dim=1)
+    background = (~passes(cams, bg_threshold) | ~here).all(dim=1)
     mask = torch.where(
         background,
         torch.full_like(label, BACKGROUND),
@@ -197,6 +197,13 @@ class PseudoMaskPolicy:
         if images is None:
             raise ValueError("PseudoMaskPolicy with crf needs the images")
         return crf_refine(cams, present, images, self.crf)
+
+    def fg_support(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B,K,H,W) maps -> (B,K) share of the pixels where each class's map passes
+        ``fg_threshold`` under ``threshold_rule``, the test the masks' foreground takes
+        (before the present-class argmax, the CRF and the clean-up)."""
+        above = passes(maps, rule_thresholds(maps, self.threshold_rule, self.fg_threshold))
+        return above.flatten(2).float().mean(-1)
 
     def threshold(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Masks from :meth:`probabilities`' output (thresholds, then small-blob clean-up)."""

@@ -19,9 +19,8 @@ from camseg.cam.base import present_mask
 from camseg.cam.crf import CRFConfig, crf_refine
 from camseg.cam.policy import (
     PseudoMaskPolicy,
-    mass_quantiles,
     remove_small_components,
-    rule_thresholds,
+    rule_thresholds_many,
     threshold_cams,
 )
 from camseg.constants import BACKGROUND
@@ -84,12 +83,6 @@ def _dice(counts: torch.Tensor) -> float:
     return float(scores(counts).dice.mean())
 
 
-def _thresholds(probs: torch.Tensor, rule: str, values: list[float]) -> list[Any]:
-    if rule == "mass_quantile":  # one sort for every threshold
-        return list(mass_quantiles(probs, torch.tensor(values)))
-    return [rule_thresholds(probs, rule, v) for v in values]
-
-
 def evaluate(val: ValidationSet, post: _Posteriors, policy: PseudoMaskPolicy) -> dict[str, float]:
     """Validation Dice of one policy, and the share of lesion pixels it labels background."""
     masks, missed, lesion = [], 0, 0
@@ -113,7 +106,7 @@ def search(
     for crf in crfs:
         probs_groups = post.get(crf)
         for rule in grid.rules:
-            per_group = [_thresholds(p, rule, fgs) for p in probs_groups]
+            per_group = [rule_thresholds_many(p, rule, fgs) for p in probs_groups]
             for i, fg in enumerate(fgs):
                 masks = [
                     threshold_cams(p, present_mask(lab, p.shape[0]), t[i], t[i])

@@ -9,9 +9,10 @@ Everything comes from the per-sample manifest rows, which the writer fills in th
 that makes the masks (no second pass over the images):
 
 - ``class_fraction`` (K,): share of the image's pixels labelled class k in the pseudo-mask.
-- ``cam_support`` (K,): share of pixels where the normalised CAM of class k is
-  ``>= fg_threshold``, *before* CRF refinement and small-blob clean-up: what the
-  classifier found, beside what the policy kept.
+- ``cam_support`` (K,): share of pixels where the normalised CAM of class k passes
+  ``fg_threshold`` read under ``pseudo.threshold_rule`` (``PseudoMaskPolicy.fg_support``, the
+  masks' own test), *before* CRF refinement and small-blob clean-up: what the classifier
+  found, beside what the policy kept.
 - ``ignore_fraction``: share of pixels labelled 255.
 - ``quality.gt_fraction`` (K,), where ground truth exists: the same share in the true mask.
 """
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 DEFINITION = (
     "over the positive images of each class (image label 1): positive_coverage = share whose pseudo-mask "
     "has any pixel of the class; areas are shares of the image: pseudo_area = pixels of the class in the "
-    "pseudo-mask, cam_support_area = pixels where the normalised CAM of the class is >= fg_threshold before "
+    "pseudo-mask, cam_support_area = pixels where the normalised CAM of the class passes fg_threshold (under the "
+    "threshold rule) before "
     "CRF refinement and small-blob clean-up, gt_area = pixels of the class in the ground truth (where it "
     "exists); ignore fractions are means over the class's positive and negative images"
 )

@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from camseg.cam import PseudoMaskPolicy
 from camseg.cam.base import CamMethod, present_mask
 from camseg.cam.crf import CRFPool, crf_refine, default_crf_workers
-from camseg.cam.policy import present_peak
-from camseg.constants import BACKGROUND, IGNORE_INDEX
+from camseg.cam.policy import rule_thresholds_many, threshold_cams
+from camseg.constants import IGNORE_INDEX
 from camseg.overlap import confusion_counts
 from camseg.utils.io import (
     read_image,
@@ -140,13 +140,22 @@ class SampleInfo:
 
 
 def sweep_counts(
-    cams: np.ndarray, labels: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]
+    cams: np.ndarray,
+    labels: np.ndarray,
+    gt: np.ndarray,
+    thresholds: Sequence[float],
+    rule: str = "absolute",
 ) -> list[list[list[int]]]:
-    """Counts per threshold of the CAM-only segmentation: :func:`threshold_cams` without ignore band."""
-    peak, label = present_peak(
-        torch.from_numpy(cams)[None], torch.from_numpy(labels.astype(bool))[None]
+    """Counts per threshold of the CAM-only segmentation: :func:`threshold_cams` without ignore
+    band, each threshold read under ``rule`` as the masks read ``fg_threshold``."""
+    maps = torch.from_numpy(cams)[None]
+    present = torch.from_numpy(labels.astype(bool))[None]
+    preds = torch.cat(
+        [
+            threshold_cams(maps, present, t, t)
+            for t in rule_thresholds_many(maps, rule, list(thresholds))
+        ]
     )
-    preds = torch.cat([torch.where(peak >= t, label, BACKGROUND) for t in thresholds])
     return confusion_counts(preds, torch.from_numpy(gt)[None], len(cams)).tolist()
 
 
@@ -258,7 +267,7 @@ class PseudoLabelWriter(BasePredictionWriter):
             image = read_image(info.image_path)
         probs = cams.astype(np.float32)
         # What the classifier found before refinement, beside what the policy keeps (coverage).
-        cam_support = (probs >= self.policy.fg_threshold).reshape(len(probs), -1).mean(axis=1)
+        cam_support = self.policy.fg_support(torch.from_numpy(probs)[None])[0].tolist()
         if mask is None:
             # CRF: refine on the CPU with the image (at the CAMs' size, see CamPredictModule);
             # the sweep then runs on the posterior.
@@ -307,7 +316,11 @@ class PseudoLabelWriter(BasePredictionWriter):
                 )[0].tolist(),
                 # at the CAMs' size (a large image's working size: see CamPredictModule)
                 "sweep": sweep_counts(
-                    probs, labels, resize_nearest(gt, *probs.shape[1:]), self.thresholds
+                    probs,
+                    labels,
+                    resize_nearest(gt, *probs.shape[1:]),
+                    self.thresholds,
+                    self.policy.threshold_rule,
                 ),
                 "gt_fraction": _class_fractions(gt, self.num_classes),
             }
