@@ -64,7 +64,6 @@ LONG_FILES: dict[str, str] = {
     "camseg/data/datamodule.py": "preprocessing moves to one object (issue 16 item 5)",
     "camseg/data/folder.py": "labels.csv reading and checking; to split by job",
     "camseg/data/preprocess.py": "the preprocessing record and its eval transforms; to split by job",
-    "camseg/fingerprint.py": "its module docstring is the key policy (about 40 lines); to split by job",
 }
 
 

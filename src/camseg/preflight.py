@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from camseg.data.folder import DatasetIndex, check_root
 from camseg.errors import ConfigError
-from camseg.fingerprint import MOVED, moved_to
+from camseg.fingerprint.keys import MOVED, moved_to
 from camseg.resolvers import check_in_channels
 from camseg.rundir import RunDir, check_output_subdir, check_run_name
 from camseg.utils.io import read_json, write_json_atomic
