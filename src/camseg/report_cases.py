@@ -13,7 +13,7 @@ from camseg.errors import CamsegError
 from camseg.report_html import REPORT_HTML, write_html_report
 from camseg.rundir import RunDir
 from camseg.seg.cases import CASES_JSON, VAL_CASES_JSON, VAL_PREDICTIONS, evaluate_predictions
-from camseg.utils.io import read_json, write_json_atomic
+from camseg.utils.io import pyplot, read_json, save_figure_atomic, write_json_atomic
 
 log = logging.getLogger("camseg")
 ROC_PNG = "detection_roc.png"
@@ -51,13 +51,7 @@ def _roc_png(path: Path, summary: dict[str, Any]) -> bool:
     curves = {k: v["roc"] for k, v in summary.items() if v["roc"]["fpr"]}
     if not curves:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from camseg.utils.io import atomic_path
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
     for name, roc in curves.items():
         ax.plot(roc["fpr"], roc["tpr"], marker=".", label=f"{name} (AUROC {roc['auroc']:.3f})")
@@ -67,9 +61,7 @@ def _roc_png(path: Path, summary: dict[str, Any]) -> bool:
     ax.set_title("slice detection, score = predicted area")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure_atomic(path, fig, dpi=100)
     return True
 
 

@@ -81,10 +81,6 @@ class RunDir:
     def cls_best(self) -> Path:
         return self.cls / "checkpoints" / "best.ckpt"
 
-    @property
-    def cls_last(self) -> Path:
-        return self.cls / "checkpoints" / "last.ckpt"
-
     # stage 2
     @property
     def pseudo(self) -> Path:
@@ -98,14 +94,6 @@ class RunDir:
     @property
     def seg(self) -> Path:
         return self.root / "seg"
-
-    @property
-    def seg_best(self) -> Path:
-        return self.seg / "checkpoints" / "best.ckpt"
-
-    @property
-    def seg_last(self) -> Path:
-        return self.seg / "checkpoints" / "last.ckpt"
 
     @property
     def report(self) -> Path:

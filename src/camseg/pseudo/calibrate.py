@@ -31,11 +31,12 @@ from camseg.pseudo.calibrate_search import ValidationSet, search
 from camseg.rundir import RunDir
 from camseg.units import Grid, calibrate_mode
 from camseg.utils.io import (
+    pyplot,
     read_image,
     read_json,
     read_mask,
+    save_figure_atomic,
     sha256_file,
-    write_bytes_atomic,
     write_json_atomic,
 )
 from camseg.utils.large import resize_area, resize_nearest
@@ -239,13 +240,7 @@ def _short(d: dict[str, Any]) -> str:
 def plot_search(record: dict[str, Any], path: Any) -> None:
     """Validation Dice against the foreground threshold, one line per CRF setting and rule
     (the best clean-up size at each point)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     best: dict[tuple[Any, str], dict[float, float]] = {}
     for r in record["table"]:
         line = best.setdefault((r["crf_bg_power"], r["rule"]), {})
@@ -274,10 +269,7 @@ def plot_search(record: dict[str, Any], path: Any) -> None:
     ax.legend(fontsize=6, ncol=2)
     ax.set_title(f"Policy calibration: chosen Dice {record['val_dice']:.3f}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure_atomic(path, fig)
 
 
 def top_rows(record: dict[str, Any], n: int = 8) -> list[dict[str, Any]]:

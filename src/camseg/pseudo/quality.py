@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from camseg.overlap import scores
-from camseg.utils.io import write_bytes_atomic, write_json_atomic
+from camseg.utils.io import pyplot, save_figure_atomic, write_json_atomic
 
 
 def compute_quality(
@@ -78,13 +78,7 @@ def swept_map(policy: dict[str, Any]) -> str:
 
 
 def plot_sweep(quality: dict[str, Any], path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sw = quality["sweep"]
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
     ax.plot(sw["thresholds"], sw["dice"], marker="o", label="Dice (macro)")
@@ -106,10 +100,7 @@ def plot_sweep(quality: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=7)
     ax.set_title("Pseudo-mask threshold sweep")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure_atomic(path, fig)
 
 
 def write_quality(quality: dict[str, Any], out_dir: Path) -> None:

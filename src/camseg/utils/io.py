@@ -124,6 +124,24 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: slow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure_atomic(path: str | os.PathLike[str], fig: Any, **savefig: Any) -> None:
+    """A matplotlib figure as a PNG written atomically; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig)
+    pyplot().close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     """Encode a uint8 array (H,W) or (H,W,3) as PNG, deterministically (no metadata)."""
     buf = io.BytesIO()
