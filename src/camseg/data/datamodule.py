@@ -73,9 +73,6 @@ class SampleDataset(Dataset):
         self.augment_seed = augment_seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.preprocess = preprocess
-        self.context_slices = preprocess.context_slices
-        self.base_channels = preprocess.channels
-        self.in_channels = preprocess.in_channels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -86,7 +83,7 @@ class SampleDataset(Dataset):
 
     def load_image(self, item: Item) -> np.ndarray:
         """(H,W,in_channels) uint8, neighbours stacked for 2.5D input."""
-        paths = item.neighbours if self.context_slices else (item.image,)
+        paths = item.neighbours if self.preprocess.context_slices else (item.image,)
         planes = []
         for p in paths:
             try:
@@ -105,7 +102,7 @@ class SampleDataset(Dataset):
         return np.concatenate(planes, axis=2)
 
     def _decode(self, path: Path) -> np.ndarray:
-        return to_channels(read_image(path), self.base_channels)
+        return to_channels(read_image(path), self.preprocess.channels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
@@ -328,12 +325,16 @@ class CamSegDataModule(L.LightningDataModule):
             {k: len({s.group for s in v}) for k, v in self.splits.items()},
         )
 
-    @property
-    def classes(self) -> list[str]:
+    def _index(self) -> DatasetIndex:
+        """The dataset index, set up on first use (not an assert: ``python -O`` skips those)."""
         if self.index is None:
             self.setup()
         assert self.index is not None
-        return self.index.classes
+        return self.index
+
+    @property
+    def classes(self) -> list[str]:
+        return self._index().classes
 
     @property
     def preprocess(self) -> Preprocessing:
@@ -357,18 +358,11 @@ class CamSegDataModule(L.LightningDataModule):
         return len(self.classes)
 
     def samples(self, split: str) -> list[Sample]:
-        if self.index is None:
-            self.setup()
-        assert self.index is not None
-        if split == "all":
-            return list(self.index.samples)
-        return self.splits[split]
+        return list(self._index().samples) if split == "all" else self.splits[split]
 
     def items(self, split: str, masks: dict[str, Path] | None = None) -> list[Item]:
         """Items of a split; ``masks`` overrides mask paths (and keeps only the samples it names)."""
-        if self.index is None:  # not an assert: `python -O` would skip the setup
-            self.setup()
-        assert self.index is not None
+        index = self._index()
         out = []
         for s in self.samples(split):
             if masks is not None:
@@ -376,11 +370,11 @@ class CamSegDataModule(L.LightningDataModule):
                     continue
                 mask: Path | None = masks[s.id]
             else:
-                mask = self.index.path(s.mask) if s.mask else None
+                mask = index.path(s.mask) if s.mask else None
             out.append(
                 Item(
                     s.id,
-                    self.index.path(s.image),
+                    index.path(s.image),
                     mask,
                     s.labels,
                     s.group,
