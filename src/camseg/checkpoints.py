@@ -312,6 +312,35 @@ def resume_context(path: str | Path, explicit: bool, stage: str) -> tuple[str, s
     )
 
 
+def check_same_model(
+    hp: Mapping[str, Any],
+    class_names: list[str],
+    net_config: Mapping[str, Any] | None,
+    keys: tuple[str, ...],
+    label: str,
+    group: str,
+) -> None:
+    """Refuse, in one line, a checkpoint (its ``hyper_parameters``) trained for other classes,
+    or whose ``keys`` of ``net_config`` differ from ours (a key we leave None is not compared);
+    ``group``: the config group to go back to (``model``, ``seg``)."""
+    if list(hp["class_names"]) != list(class_names):
+        raise CheckpointError(
+            f"{label}: checkpoint was trained for classes {list(hp['class_names'])} but the dataset "
+            f"has {list(class_names)}; use the matching data config or another run_name"
+        )
+    theirs, ours = hp["net_config"], net_config or {}
+    diff = [
+        f"{k}: {theirs.get(k)} vs {ours.get(k)}"
+        for k in keys
+        if ours.get(k) is not None and theirs.get(k) != ours.get(k)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{label}: checkpoint is of another model ({', '.join(diff)}); "
+            f"use the {group} config it was trained with or another run_name"
+        )
+
+
 def check_segmenter(
     path: str | Path,
     net_config: Mapping[str, Any],
@@ -325,22 +354,8 @@ def check_segmenter(
     ckpt = read_checkpoint(path, SEGMENTER, label, fix)
     hp = ckpt["hyper_parameters"]
     segmenter_kwargs(hp["net_config"], label)
-    if list(hp["class_names"]) != list(class_names):
-        raise CheckpointError(
-            f"{label}: checkpoint was trained for classes {list(hp['class_names'])} but the dataset "
-            f"has {list(class_names)}; use the matching data config or another run_name"
-        )
     keys = ("arch", "encoder_name", "in_channels", "num_classes")
-    diff = [
-        f"{k}: {hp['net_config'].get(k)} vs {net_config.get(k)}"
-        for k in keys
-        if hp["net_config"].get(k) != net_config.get(k)
-    ]
-    if diff:
-        raise CheckpointError(
-            f"{label}: checkpoint is of another model ({', '.join(diff)}); "
-            "use the seg config it was trained with or another run_name"
-        )
+    check_same_model(hp, class_names, net_config, keys, label, "seg")
     return ckpt
 
 

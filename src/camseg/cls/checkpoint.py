@@ -13,7 +13,7 @@ import torch
 
 from camseg.checkpoints import (
     CLASSIFIER,
-    CheckpointError,
+    check_same_model,
     classifier_kwargs,
     load_weights,
     read_checkpoint,
@@ -61,23 +61,6 @@ def check_compatible(
     ckpt = read_hparams(path, label, fix)
     hp = ckpt["hyper_parameters"]
     classifier_kwargs(hp["net_config"], label)  # a foreign _target_ or key is refused here too
-    if list(hp["class_names"]) != list(class_names):
-        raise CheckpointError(
-            f"{label}: checkpoint was trained for classes {list(hp['class_names'])} but the dataset has {list(class_names)}; "
-            "use the matching data config or another run_name"
-        )
-    if net_config is not None:
-        theirs = {
-            k: hp["net_config"].get(k)
-            for k in ("backbone", "source", "in_channels", "output_stride", "num_classes")
-        }
-        ours = {k: net_config.get(k) for k in theirs}
-        diff = {
-            k: (theirs[k], ours[k]) for k in theirs if ours[k] is not None and theirs[k] != ours[k]
-        }
-        if diff:
-            raise CheckpointError(
-                f"{label}: checkpoint is of another model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
-                "use the model config it was trained with or another run_name"
-            )
+    keys = ("backbone", "source", "in_channels", "output_stride", "num_classes")
+    check_same_model(hp, class_names, net_config, keys, label, "model")
     return ckpt
