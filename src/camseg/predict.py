@@ -231,17 +231,8 @@ def predict_images(
         for f, raw, mask in zip(ok, raws, model.predict(imgs), strict=True):
             name = output_name(f, root)
             save_png_atomic(out / "masks" / f"{name}.png", mask)
-            h, w = working_size(raw.shape[0], raw.shape[1], model.max_image_pixels)
-            if (h, w) != raw.shape[:2]:
-                assert model.max_image_pixels is not None
-                warn_large(
-                    "camseg-predict",
-                    str(f),
-                    raw.shape[0],
-                    raw.shape[1],
-                    model.max_image_pixels,
-                    "max_image_pixels",
-                )
+            h, w = raw.shape[:2]
+            warn_large("camseg-predict", str(f), h, w, model.max_image_pixels, "max_image_pixels")
             if overlays:
                 # Drawn at a bounded size: a large image's overlay is a picture to look at.
                 h, w = working_size(raw.shape[0], raw.shape[1], OVERLAY_MAX_PIXELS)

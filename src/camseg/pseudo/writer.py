@@ -107,11 +107,9 @@ class CamPredictModule(L.LightningModule):
             out_cams, out_masks = [], []
             for c, lab, (h, w), sid in zip(cams, labels, sizes.tolist(), batch["id"], strict=True):
                 hw, ww = working_size(h, w, self.max_image_pixels)
-                if (hw, ww) != (h, w):
-                    assert self.max_image_pixels is not None
-                    warn_large(
-                        "stage pseudo", sid, h, w, self.max_image_pixels, "data.max_image_pixels"
-                    )
+                warn_large(
+                    "stage pseudo", sid, h, w, self.max_image_pixels, "data.max_image_pixels"
+                )
                 c = F.interpolate(
                     c[None], size=(hw, ww), mode="bilinear", align_corners=False
                 ).clamp_(0, 1)

@@ -27,6 +27,8 @@ from camseg.utils.large import (
 )
 from camseg.utils.overlay import GT_COLOUR, draw_contours, panel, to_rgb
 
+MAX_PIXELS_KEY = "data.max_image_pixels"
+
 
 def full_size_labels(logits: torch.Tensor, h: int, w: int, max_pixels: int | None) -> torch.Tensor:
     """(1,K+1,h',w') logits -> (h,w) uint8 labels; above ``max_pixels`` through a working size."""
@@ -156,15 +158,7 @@ class SegmenterModule(L.LightningModule):
         for i in range(len(logits)):
             h, w = (int(v) for v in batch["orig_size"][i])
             pred = full_size_labels(logits[i : i + 1], h, w, self.max_image_pixels)
-            if self.max_image_pixels and h * w > self.max_image_pixels:
-                warn_large(
-                    "stage seg",
-                    batch["id"][i],
-                    h,
-                    w,
-                    self.max_image_pixels,
-                    "data.max_image_pixels",
-                )
+            warn_large("stage seg", batch["id"][i], h, w, self.max_image_pixels, MAX_PIXELS_KEY)
             preds.append(pred)
             if bool(has[i]) and full is not None:
                 gt = full[i].to(pred.device)[None]

@@ -7,6 +7,7 @@ self-training (``seg.rounds`` > 1) new confident masks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from camseg.constants import IGNORE_INDEX
-from camseg.data.datamodule import CamSegDataModule, collate
+from camseg.data.datamodule import CamSegDataModule, Item, collate
 from camseg.pseudo.manifest import Manifest
 from camseg.seg.cases import spread_over_patients
 from camseg.seg.metrics import SegMetrics, group_ids
-from camseg.seg.module import SegmenterModule
+from camseg.seg.module import MAX_PIXELS_KEY, SegmenterModule
 from camseg.utils.io import read_image, read_mask, save_png_atomic
 from camseg.utils.large import (
     OVERLAY_MAX_PIXELS,
@@ -34,6 +35,15 @@ from camseg.utils.large import (
 from camseg.utils.overlay import GT_COLOUR, cam_overlay, draw_contours, panel, stack, to_rgb
 
 GRID_ROWS = 6
+
+
+def _full_res_loader(dm: CamSegDataModule, split: str, keep: Callable[[Item], bool]) -> DataLoader:
+    """The items of ``split`` that ``keep`` accepts, at full resolution, in order, in-process."""
+    ds = dm.dataset(split, train=False, full_res=True)
+    ds.items = [it for it in ds.items if keep(it)]
+    return DataLoader(
+        ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=0, collate_fn=collate
+    )
 
 
 @dataclass
@@ -62,11 +72,7 @@ def evaluate_train(
     The figure grid goes to ``out/figure_grid.png``."""
     module.eval()
     ids = set(manifest.mask_paths())
-    ds = dm.dataset("train", train=False, full_res=True)
-    ds.items = [it for it in ds.items if it.id in ids]
-    loader = DataLoader(
-        ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=0, collate_fn=collate
-    )
+    loader = _full_res_loader(dm, "train", lambda it: it.id in ids)
     # Runs on rank 0 alone after training: no sync with the other (finished) ranks.
     acc = _Pass(
         SegMetrics(dm.num_classes, dm.classes, prefix="", sync_on_compute=False),
@@ -81,15 +87,7 @@ def evaluate_train(
         for i in range(len(images)):
             h, w = (int(v) for v in batch["orig_size"][i])
             pred, conf = module.full_size_probabilities(images[i : i + 1], h, w)
-            if module.max_image_pixels and h * w > module.max_image_pixels:
-                warn_large(
-                    "stage seg",
-                    batch["id"][i],
-                    h,
-                    w,
-                    module.max_image_pixels,
-                    "data.max_image_pixels",
-                )
+            warn_large("stage seg", batch["id"][i], h, w, module.max_image_pixels, MAX_PIXELS_KEY)
             _sample(acc, batch, i, pred, conf, dm.num_classes, manifest, rows_by_id)
             if relabel:
                 new = relabel_mask(
@@ -202,13 +200,8 @@ def write_split_predictions(
     ``out/<id>.png`` (what ``seg/predictions/`` holds for the test patients), for the
     case-by-case report. Returns how many were written."""
     module.eval()
-    ds = dm.dataset(split, train=False, full_res=True)
-    ds.items = [it for it in ds.items if it.mask is not None]
-    loader = DataLoader(
-        ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=0, collate_fn=collate
-    )
     written = 0
-    for batch in loader:
+    for batch in _full_res_loader(dm, split, lambda it: it.mask is not None):
         images = batch["image"].to(module.device)
         for i in range(len(images)):
             h, w = (int(v) for v in batch["orig_size"][i])

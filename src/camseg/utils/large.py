@@ -31,10 +31,10 @@ def working_size(height: int, width: int, max_pixels: int | None) -> tuple[int, 
 
 
 def warn_large(
-    where: str, name: str, height: int, width: int, max_pixels: int, setting: str
+    where: str, name: str, height: int, width: int, max_pixels: int | None, setting: str
 ) -> None:
-    """Log once per ``where`` (a stage or command) that an image is above the limit."""
-    if where in _warned:
+    """Log once per ``where`` (a stage or command) that an image is above the limit (if it is)."""
+    if where in _warned or working_size(height, width, max_pixels) == (height, width):
         return
     _warned.add(where)
     h, w = working_size(height, width, max_pixels)
