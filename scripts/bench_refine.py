@@ -65,17 +65,18 @@ def run_one(method: str, size: int, args: argparse.Namespace) -> dict:
     if method == "affinity":
         from camseg.refine.net import AffinityNet
         from camseg.refine.pairs import local_offsets
-        from camseg.refine.walk import affinities, walk_cams
+        from camseg.refine.walk import affinities, walk_with_background
 
         device = torch.device(args.device)
         net = AffinityNet(stride=args.stride).eval().to(device)
         offsets = local_offsets(args.radius)
         x = ((images.float() / 255.0 - 0.5) / 0.25).to(device)
-        c = cams.to(device)
+        c, p = cams.to(device), present.to(device)
 
         def step() -> None:
             with torch.inference_mode():
-                walk_cams(c, affinities(net(x), offsets), offsets, 8.0, args.iterations)
+                aff = affinities(net(x), offsets)
+                walk_with_background(c, p, aff, offsets, 8.0, args.iterations, 1.0)
             if device.type == "cuda":
                 torch.cuda.synchronize()
     else:
