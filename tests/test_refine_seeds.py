@@ -143,3 +143,27 @@ def test_walk_with_background_equals_a_dense_walk_and_argmax() -> None:
     got_labels = labels_from_walk(torch.from_numpy(want.reshape(1, k + 1, h, w)), min_share)
     np.testing.assert_array_equal(got_labels[0].numpy().ravel(), want_labels)
     assert 0 < int((want_labels == IGNORE_INDEX).sum()) < n  # the draw exercises both branches
+
+
+def test_crf_seeds_keep_the_bright_lesion_and_drop_the_cams_bloat() -> None:
+    # A bright 8x8 lesion on a dark 40x40 image; the CAM is a blob three times its size,
+    # brightest on the lesion. The confident foreground stays inside the lesion, the
+    # confident background outside it, and the bloat between is mostly ignored or
+    # background: never foreground.
+    from camseg.cam.crf import CRFPool
+    from camseg.pseudo.refine_seeds import seed_masks
+
+    size = 40
+    image = torch.full((1, 3, size, size), 40, dtype=torch.uint8)
+    image[..., 16:24, 16:24] = 200
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    dist = ((ys - 19.5) ** 2 + (xs - 19.5) ** 2).sqrt()
+    cams = (1.0 - dist / 14.0).clamp(0, 1)[None, None]
+    lesion = torch.zeros(size, size, dtype=torch.bool)
+    lesion[16:24, 16:24] = True
+    config = SeedConfig(fg_bg_power=0.25, bg_bg_power=2.0)  # the CRF's kernels: its defaults
+    seeds = seed_masks(cams, torch.tensor([[True]]), image, config, CRFPool(0))[0]
+    fg, bg = seeds == 1, seeds == 0
+    assert fg.any() and not (fg & ~lesion).any()
+    assert bg.any() and not (bg & lesion).any()
+    assert int((cams[0, 0] >= 0.3).sum()) > 3 * int(lesion.sum())  # the CAM is bloated
