@@ -142,9 +142,7 @@ def train_affinity(cfg: DictConfig, run: RunDir, dm: Any, train_ids: list[str]) 
     workers = cfg.pseudo.get("crf_workers")
     masks = write_seeds(run, seeds, items, None if workers is None else int(workers))
     log.info(
-        "stage pseudo: the affinity net learns from %s seeds (%s)",
-        seeds.source,
-        masks and next(iter(masks.values())).parent,
+        "stage pseudo: the affinity net learns from %d %s seed masks", len(masks), seeds.source
     )
     ds = dm.dataset("train", train=True, masks=masks)
     loader = dm._loader(ds, True, int(a.batch_size), "train")
