@@ -102,7 +102,7 @@ class _SaveLast(L.Callback):
         tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
         # Lightning saves the full state by default (weights, optimizer, loops): resumable. It is
         # read back only through camseg.checkpoints (weights_only=True).
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 
