@@ -1,8 +1,9 @@
 """Time and peak memory of the affinity random walk (camseg.refine) against the dense CRF.
 
 Per image, at each size: (a) the affinity refinement as stage 2 runs it (affinity net
-forward, local affinities, sparse random walk, upsampling) and (b) the dense CRF of
-``conf/pseudo/crf.yaml`` (pydensecrf2) on the same CAMs and image. Each (method, size) runs
+forward, local affinities, sparse random walk of the CAMs and the background, upsampling),
+(b) the seeds the affinity net learns from (two CRF views, made once per training image),
+and (c) the dense CRF of ``conf/pseudo/crf.yaml`` (pydensecrf2) on the same CAMs and image. Each (method, size) runs
 in a fresh subprocess so that its peak RSS (``resource.getrusage``) is its own; the RSS
 after imports and set-up is printed beside it, so the increase is the method's.
 
@@ -65,23 +66,32 @@ def run_one(method: str, size: int, args: argparse.Namespace) -> dict:
     if method == "affinity":
         from camseg.refine.net import AffinityNet
         from camseg.refine.pairs import local_offsets
-        from camseg.refine.walk import affinities, walk_cams
+        from camseg.refine.walk import affinities, walk_with_background
 
         device = torch.device(args.device)
         net = AffinityNet(stride=args.stride).eval().to(device)
         offsets = local_offsets(args.radius)
         x = ((images.float() / 255.0 - 0.5) / 0.25).to(device)
-        c = cams.to(device)
+        c, p = cams.to(device), present.to(device)
 
         def step() -> None:
             with torch.inference_mode():
-                walk_cams(c, affinities(net(x), offsets), offsets, 8.0, args.iterations)
+                aff = affinities(net(x), offsets)
+                walk_with_background(c, p, aff, offsets, 8.0, args.iterations, 1.0)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+    elif method == "seeds":  # the affinity net's seeds: two CRF views per training image
+        from camseg.cam.crf import CRFPool
+        from camseg.pseudo.refine_seeds import SeedConfig, seed_masks
+
+        seeds, pool = SeedConfig(), CRFPool(0)
+
+        def step() -> None:
+            seed_masks(cams, present, images, seeds, pool)
     else:
         from camseg.cam.crf import CRFConfig, crf_refine
 
-        cfg = CRFConfig(10, 3, 3, 40, 5, 10, 0.25)  # conf/pseudo/crf.yaml
+        cfg = CRFConfig(10, 3 / 256, 3, 40 / 256, 5, 10, 0.25)  # conf/pseudo/crf.yaml
 
         def step() -> None:
             crf_refine(cams, present, images, cfg)
@@ -109,7 +119,7 @@ def main() -> None:
         return
     rows = []
     for size in args.sizes:
-        for method in ("affinity", "crf"):
+        for method in ("affinity", "seeds", "crf"):
             cmd = [sys.executable, __file__, "--one", method, str(size)]
             cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
             cmd += ["--radius", str(args.radius), "--stride", str(args.stride)]

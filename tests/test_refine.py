@@ -212,6 +212,18 @@ def test_affinity_refinement_end_to_end_resumes_and_records_its_checkpoint(tmp_p
         fg = np.count_nonzero((mask > 0) & (mask != IGNORE_INDEX)) / mask.size
         assert s["fg_fraction"] == pytest.approx(fg)
     assert "dice" in json.loads((pseudo / "quality.json").read_text())
+    # The net learned from PSA seeds (two CRF views of the training CAMs), recorded.
+    seeds = json.loads((pseudo / "affinity" / "seeds.json").read_text())
+    assert refine["seeds"]["source"] == "crf" and seeds["seeds"] == refine["seeds"]
+    seed_ids = {p.stem for p in (pseudo / "affinity" / "seeds").glob("*.png")}
+    assert len(seed_ids) == seeds["samples"] > 0 and seed_ids <= set(rows)  # training split only
+    parts = ("background_fraction", "foreground_fraction", "ignore_fraction")
+    assert sum(seeds[k] for k in parts) == pytest.approx(1.0)
+    for sid in seed_ids:
+        seed = np.asarray(Image.open(pseudo / "affinity" / "seeds" / f"{sid}.png"))
+        assert set(np.unique(seed)) <= {0, 1, IGNORE_INDEX}
+        if not any(rows[sid]["labels"]):
+            assert (seed == 0).all()
 
     # A run killed during refinement: some rows not marked, no manifest. The rerun does not
     # train again and ends with the same manifest.

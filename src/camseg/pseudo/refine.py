@@ -35,11 +35,12 @@ from camseg.checkpoints import (
 from camseg.constants import IGNORE_INDEX
 from camseg.errors import ConfigError
 from camseg.overlap import confusion_counts
+from camseg.pseudo.refine_seeds import SeedConfig, write_seeds
 from camseg.pseudo.writer import sweep_counts
 from camseg.refine.module import TRAIN_LOSS, AffinityModule
 from camseg.refine.net import AffinityNet, affinity_kwargs
 from camseg.refine.pairs import local_offsets
-from camseg.refine.walk import affinities, walk_cams
+from camseg.refine.walk import affinities, labels_from_walk, walk_with_background
 from camseg.rundir import RunDir
 from camseg.training import build_trainer
 from camseg.utils.io import (
@@ -101,7 +102,7 @@ class _SaveLast(L.Callback):
         tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
         # Lightning saves the full state by default (weights, optimizer, loops): resumable. It is
         # read back only through camseg.checkpoints (weights_only=True).
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 
@@ -135,7 +136,14 @@ def train_affinity(cfg: DictConfig, run: RunDir, dm: Any, train_ids: list[str]) 
         lr=float(a.lr),
         weight_decay=float(a.weight_decay),
     )
-    masks = {sid: run.pseudo / "masks" / f"{sid}.png" for sid in train_ids}
+    wanted = set(train_ids)
+    items = [it for it in dm.dataset(dm.predict_split, train=False).items if it.id in wanted]
+    seeds = SeedConfig.from_cfg(a.get("seeds"))
+    workers = cfg.pseudo.get("crf_workers")
+    masks = write_seeds(run, seeds, items, None if workers is None else int(workers))
+    log.info(
+        "stage pseudo: the affinity net learns from %d %s seed masks", len(masks), seeds.source
+    )
     ds = dm.dataset("train", train=True, masks=masks)
     loader = dm._loader(ds, True, int(a.batch_size), "train")
     resume = last.is_file()
@@ -183,6 +191,8 @@ def describe(cfg: DictConfig, run: RunDir, mode: str) -> dict[str, Any]:
         "sha256": sha256_file(last),
         "net": _net_config(cfg, int(cfg.data.get("in_channels", 3))),
         **{k: a[k] for k in ("radius", "beta", "iterations", "max_epochs", "lr", "weight_decay")},
+        **{k: float(a.get(k, d)) for k, d in (("bg_power", 1.0), ("min_share", 0.5))},
+        "seeds": SeedConfig.from_cfg(a.get("seeds")).describe(),
     }
 
 
@@ -234,15 +244,28 @@ def refine_samples(
     loader = dm._loader(ds, False, int(cfg.pseudo.get("batch_size") or dm.eval_batch_size))
     device = next(net.parameters()).device
     thresholds = list(cfg.pseudo.sweep_thresholds)
+    beta, iterations = float(a.beta), int(a.iterations)
+    bg_power, min_share = float(a.get("bg_power", 1.0)), float(a.get("min_share", 0.5))
     for batch in loader:
         with torch.inference_mode():
             aff = affinities(net(batch["image"].to(device)), offsets)
             for i, sid in enumerate(batch["id"]):
                 with np.load(run.pseudo / "cams" / f"{sid}.npz") as z:
                     cams = torch.from_numpy(z["cams"].astype(np.float32))[None].to(device)
-                walked = walk_cams(cams, aff[i : i + 1], offsets, float(a.beta), int(a.iterations))
+                present = batch["labels"][i : i + 1].to(device) > 0
+                shares = walk_with_background(
+                    cams, present, aff[i : i + 1], offsets, beta, iterations, bg_power
+                ).cpu()
                 _write_refined(
-                    run, policy, sid, walked.cpu(), batch["labels"][i], paths[sid], mode, thresholds
+                    run,
+                    policy,
+                    sid,
+                    shares,
+                    batch["labels"][i],
+                    paths[sid],
+                    mode,
+                    thresholds,
+                    min_share,
                 )
 
 
@@ -250,14 +273,19 @@ def _write_refined(
     run: RunDir,
     policy: PseudoMaskPolicy,
     sid: str,
-    walked: torch.Tensor,
+    shares: torch.Tensor,
     labels: torch.Tensor,
     paths: tuple[Path, Path | None],
     mode: str,
     thresholds: list[float],
+    min_share: float,
 ) -> None:
+    """``shares`` (1,1+K,H,W): the walked background and class shares. ``affinity``: their
+    argmax, ignore below ``min_share``; ``affinity+crf``: the policy (with its CRF) on the
+    class shares."""
     out = run.pseudo
     image = read_image(paths[0])
+    walked = shares[:, 1:]
     k, h, w = walked.shape[1:]
     lab = labels.to(torch.uint8)[None]
     img_t = None
@@ -266,8 +294,12 @@ def _write_refined(
         img_t = torch.from_numpy(small if small.ndim == 3 else small[..., None]).permute(2, 0, 1)[
             None
         ]
-    probs = policy.probabilities(walked, lab, img_t)
-    mask = policy.threshold(probs, lab)[0].numpy().astype(np.uint8)
+    if policy.crf is None:
+        probs = walked
+        mask = labels_from_walk(shares, min_share)[0].numpy()
+    else:
+        probs = policy.probabilities(walked, lab, img_t)
+        mask = policy.threshold(probs, lab)[0].numpy().astype(np.uint8)
     mask = resize_nearest(mask, *image.shape[:2])
     save_png_atomic(out / "masks" / f"{sid}.png", mask)
     row_path = out / "rows" / f"{sid}.json"

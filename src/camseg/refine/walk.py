@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from camseg.constants import IGNORE_INDEX
 from camseg.refine.pairs import Offset, shift
 
 
@@ -89,3 +90,46 @@ def walk_cams(
     up = F.interpolate(walked, size=size, mode="bilinear", align_corners=False).clamp_min(0)
     peak = up.amax(dim=(2, 3), keepdim=True)
     return torch.where(peak > 0, up / peak.clamp_min(1e-12), torch.zeros_like(up))
+
+
+def walk_with_background(
+    cams: torch.Tensor,
+    present: torch.Tensor,
+    affinity: torch.Tensor,
+    offsets: list[Offset],
+    beta: float,
+    iterations: int,
+    bg_power: float,
+) -> torch.Tensor:
+    """CAMs (B,K,H,W) in [0,1] -> walked scores (B,1+K,H,W): background first, then the
+    classes, as shares that sum to 1 per pixel.
+
+    PSA / IRN: the background gets a map of its own, ``(1 - max_k CAM_k) ** bg_power``
+    over the present classes, and is walked together with the class CAMs (absent classes
+    walk a zero map), so background spreads inside the regions the affinities connect just
+    as the classes do, and each pixel compares them. The shares divide by the sum over
+    channels; a pixel with no score at all (outside every walk) is all background.
+    """
+    here = present[:, :, None, None].to(cams.device)
+    fg = torch.where(here, cams.float(), torch.zeros_like(cams, dtype=torch.float32))
+    bg = (1.0 - fg.amax(dim=1, keepdim=True)).clamp(0.0, 1.0).pow(bg_power)
+    size = cams.shape[-2:]
+    grid = F.adaptive_avg_pool2d(
+        torch.cat([bg, fg], dim=1), (int(affinity.shape[-2]), int(affinity.shape[-1]))
+    )
+    weights, full = neighbourhood(affinity.float().pow(beta), offsets)
+    walked = random_walk(grid, transition(weights), full, iterations)
+    up = F.interpolate(walked, size=size, mode="bilinear", align_corners=False).clamp_min(0)
+    total = up.sum(dim=1, keepdim=True)
+    empty = torch.zeros_like(up)
+    empty[:, 0] = 1.0
+    return torch.where(total > 1e-12, up / total.clamp_min(1e-12), empty)
+
+
+def labels_from_walk(shares: torch.Tensor, min_share: float) -> torch.Tensor:
+    """Walked shares (B,1+K,H,W) -> masks (B,H,W) uint8: the argmax (0 background,
+    k = class k), ignore (255) where the winner's share is below ``min_share`` (ambiguous)."""
+    top, label = shares.max(dim=1)
+    return torch.where(top >= min_share, label, torch.full_like(label, IGNORE_INDEX)).to(
+        torch.uint8
+    )
