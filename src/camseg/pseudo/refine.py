@@ -315,7 +315,11 @@ def _write_refined(
             torch.from_numpy(mask)[None], torch.from_numpy(gt)[None], k
         )[0].tolist()
         row["quality"]["sweep"] = sweep_counts(
-            p, labels.numpy().astype(np.uint8), resize_nearest(gt, *p.shape[1:]), thresholds
+            p,
+            labels.numpy().astype(np.uint8),
+            resize_nearest(gt, *p.shape[1:]),
+            thresholds,
+            policy.threshold_rule,
         )
     overlay = out / "overlays" / f"{sid}.png"
     if overlay.is_file():
