@@ -46,10 +46,12 @@ class AuditSettings:
 
 
 class AuditPredictModule(L.LightningModule):
-    """``predict_step`` -> ``{"rows": [...], "focus": {method: (K,2,S,S)}, "counts": (K,2)}``.
+    """``predict_step`` -> ``{"rows": [...], "focus": {method: (K,2,S,S)}, "counts": (K,2),
+    "map_sum": {method: (H,W)}}``.
 
     ``focus`` sums the maps of each true class over the images whose class the classifier
-    predicts (index 0) or misses (1); ``counts`` counts those images.
+    predicts (index 0) or misses (1); ``counts`` counts those images. ``map_sum`` sums all
+    the batch's maps (one per row) at the input's size, for the fixed-location test.
 
     Rows hold, per (image, class) pair and method: energy pointing, pointing game,
     out-of-body share, border and corner shares, the peak's corner, and (with
@@ -120,6 +122,7 @@ class AuditPredictModule(L.LightningModule):
             for i, c in pairs.tolist()
         ]
         focus: dict[str, torch.Tensor] = {}
+        map_sum: dict[str, torch.Tensor] = {}
         pos = (labels > 0.5).float()
         counts = torch.stack(((pos * predicted).sum(0), (pos * ~predicted).sum(0)), dim=1).cpu()
         for name, engine in self.engines.items():
@@ -134,6 +137,7 @@ class AuditPredictModule(L.LightningModule):
                 ),
                 dim=1,
             ).cpu()
+            map_sum[name] = maps.double().sum(dim=0).cpu()
             if not len(pairs):
                 continue
             measures: dict[str, torch.Tensor] = {
@@ -168,4 +172,4 @@ class AuditPredictModule(L.LightningModule):
                 m["border_share"] = dict(zip(M.BORDERS, borders_l[j], strict=True))
                 m["corner_share"] = dict(zip(M.CORNERS, corners_l[j], strict=True))
                 row["methods"][name] = m
-        return {"rows": rows, "focus": focus, "counts": counts}
+        return {"rows": rows, "focus": focus, "counts": counts, "map_sum": map_sum}
