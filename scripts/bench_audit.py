@@ -48,8 +48,10 @@ def camseg_audit(model, images, targets, steps, batch) -> tuple[np.ndarray, floa
     cams = F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)
     maps = normalize_cams(cams.clamp_min(0))[torch.arange(len(targets)), targets]
     score = class_scores(False)
-    curves = deletion_insertion(model, images, maps, targets, score, steps, None, batch)
-    drop = confidence_change(model, images, maps, targets, score, batch).drop
+    with torch.inference_mode():  # the plain images' scores: shared by both measures
+        before = score(model(images).float())[torch.arange(len(targets)), targets]
+    curves = deletion_insertion(model, images, maps, targets, score, steps, None, batch, before)
+    drop = confidence_change(model, images, maps, targets, score, batch, before).drop
     if images.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

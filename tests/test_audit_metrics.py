@@ -135,21 +135,53 @@ def test_deletion_and_insertion_auc_of_a_region_mean_model_match_the_hand_comput
 
 
 def test_deletion_costs_few_forward_passes() -> None:
-    calls = []
+    calls: list[int] = []
     model = RegionMean(square(8, 8, 0, 2, 0, 4))
     model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     images = torch.rand(6, 1, 8, 8)
-    deletion_insertion(
-        model,
-        images,
-        torch.rand(6, 8, 8),
-        torch.zeros(6, dtype=torch.long),
-        identity,
-        10,
-        None,
-        132,
+    args = (model, images, torch.rand(6, 8, 8), torch.zeros(6, dtype=torch.long), identity, 10)
+    deletion_insertion(*args, None, 132)
+    # The plain images, one all-zero baseline for all, then 2 curves x 6 images x the 9
+    # inner steps in one pass: the end points are the plain and the baseline image.
+    assert calls == [6, 1, 108]
+    calls.clear()
+    deletion_insertion(*args, None, 132, before=torch.ones(6))
+    assert calls == [1, 108]
+
+
+def naive_curves(
+    model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, base: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """(2,P,steps+1): every point of both curves by its own forward, image by image."""
+    p, _, h, w = images.shape
+    out = torch.empty(2, p, steps + 1)
+    for i in range(p):
+        order = torch.argsort(-saliency[i].flatten(), stable=True)
+        for s in range(steps + 1):
+            top = torch.zeros(h * w, dtype=torch.bool)
+            top[order[: round(s / steps * h * w)]] = True
+            top = top.view(1, 1, h, w)
+            deleted = torch.where(top, base[i : i + 1], images[i : i + 1])
+            inserted = torch.where(top, images[i : i + 1], base[i : i + 1])
+            out[0, i, s] = model(deleted)[0, 0]
+            out[1, i, s] = model(inserted)[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mean", "blur"])
+def test_skipping_the_end_points_leaves_the_curves_as_computed_point_by_point(kind: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    model = RegionMean(square(12, 12, 2, 9, 1, 7))
+    images = torch.rand(5, 1, 12, 12, generator=g)
+    saliency = torch.rand(5, 12, 12, generator=g)
+    base = baseline_images(images, kind)
+    with torch.no_grad():
+        want = naive_curves(model, images, saliency, base, 7)
+    got = deletion_insertion(
+        model, images, saliency, torch.zeros(5, dtype=torch.long), identity, 7, base, 16
     )
-    assert calls == [132]  # 2 curves x 6 images x 11 steps in one pass
+    assert torch.allclose(got.deletion, want[0], atol=1e-6)
+    assert torch.allclose(got.insertion, want[1], atol=1e-6)
 
 
 def test_salience_ranks_are_a_permutation_with_the_peak_first() -> None:

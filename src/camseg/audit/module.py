@@ -152,7 +152,15 @@ class AuditPredictModule(L.LightningModule):
             if s.faithfulness:
                 assert baseline is not None
                 curves = deletion_insertion(
-                    self.model, images[b], maps, k, self.score, s.steps, baseline[b], s.batch_size
+                    self.model,
+                    images[b],
+                    maps,
+                    k,
+                    self.score,
+                    s.steps,
+                    baseline[b],
+                    s.batch_size,
+                    before=probs[b, k],
                 )
                 change = confidence_change(
                     self.model, images[b], maps, k, self.score, s.batch_size, probs[b, k]
