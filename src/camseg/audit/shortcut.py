@@ -9,8 +9,12 @@ of all positive images is a fixed-location cue, not anatomy: the verdict names i
 Per-image peaks miss a cue that is secondary in every image (the classifier learned the
 lesions too) but sits in the same place in all of them. The dataset-level *fixed
 location* test looks at the mean of the normalised maps instead: lesions at varying
-places smear out in the mean, a cue at one place adds up. A corner whose mean energy per
-pixel is at least ``fixed_lift`` times the mean map's average over the image is flagged.
+places smear out in the mean, a cue at one place adds up. Each corner of the mean map is
+compared with its mirror image across the vertical midline (top-left with top-right):
+anatomy is roughly left-right symmetric, a token or a text marker is not. A corner at
+least ``fixed_contrast`` times as dense as its mirror corner, and at least ``fixed_lift``
+times as dense as the mean map on average (two nearly empty corners of air do not count),
+is flagged.
 """
 
 from __future__ import annotations
@@ -37,16 +41,18 @@ class ShortcutRule:
             when its CAM peak lies in one.
         dataset_share: the dataset is flagged when at least this share of the audited maps
             is flagged for one cause (outside the body, or the same corner).
-        fixed_lift: the dataset is flagged when a corner square of the mean normalised map
-            holds at least this many times the map's average energy per pixel (the corner's
-            share of the mean map's energy over its share of the area).
+        fixed_lift: the fixed-location test needs a corner square of the mean normalised
+            map to hold at least this many times the map's average energy per pixel (the
+            corner's share of the mean map's energy over its share of the area) ...
+        fixed_contrast: ... and this many times the energy of its left-right mirror corner.
     """
 
     outside_share: float = 0.5
     outside_lift: float = 2.0
     corner_band: float = 0.2
     dataset_share: float = 0.25
-    fixed_lift: float = 2.0
+    fixed_lift: float = 0.5
+    fixed_contrast: float = 2.0
 
     def __post_init__(self) -> None:
         for name, lo, hi in (
@@ -54,7 +60,8 @@ class ShortcutRule:
             ("outside_lift", 0.0, float("inf")),
             ("corner_band", 0.0, 0.5),
             ("dataset_share", 0.0, 1.0),
-            ("fixed_lift", 1.0, float("inf")),
+            ("fixed_lift", 0.0, float("inf")),
+            ("fixed_contrast", 1.0, float("inf")),
         ):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and lo < v <= hi):
@@ -94,12 +101,24 @@ def image_flags(
     return out
 
 
+#: Each corner's mirror image across the vertical midline.
+MIRROR = {
+    "top-left": "top-right",
+    "top-right": "top-left",
+    "bottom-left": "bottom-right",
+    "bottom-right": "bottom-left",
+}
+
+
 def fixed_location(mean_map: torch.Tensor, corner_band: float) -> dict[str, Any]:
-    """Each corner's lift in the mean normalised map (H,W) >= 0 of the audited maps.
+    """Each corner's lift and mirror contrast in the mean normalised map (H,W) >= 0 of the
+    audited maps.
 
     ``lift[c]`` = the corner's share of the mean map's energy / its share of the area
     (= its mean value / the map's mean value): 1 for a flat map, about 0 where no map
-    ever looks, large where the maps agree on one place. ``peak_corner``: the corner
+    ever looks, large where the maps agree on one place. ``contrast[c]`` = ``lift[c]``
+    over the lift of its left-right mirror corner (at least 1e-3 of the average, so that
+    it stays finite): about 1 for a left-right symmetric focus. ``peak_corner``: the corner
     holding the mean map's maximum, or None. All None for an all-zero map.
     """
     if mean_map.ndim != 2:
@@ -109,10 +128,15 @@ def fixed_location(mean_map: torch.Tensor, corner_band: float) -> dict[str, Any]
     regions = corner_regions(h, w, corner_band, m.device)
     total = m.sum().item()
     if total <= 0:
-        return {"lift": dict.fromkeys(CORNERS), "peak_corner": None}
+        return {
+            "lift": dict.fromkeys(CORNERS),
+            "contrast": dict.fromkeys(CORNERS),
+            "peak_corner": None,
+        }
     area = regions.flatten(1).double().mean(dim=1)
     share = (m * regions).flatten(1).sum(dim=1) / total
-    lift = (share / area).tolist()
+    lift = dict(zip(CORNERS, (share / area).tolist(), strict=True))
+    contrast = {c: lift[c] / max(lift[MIRROR[c]], 1e-3) for c in CORNERS}
     # The peak is in a corner when that corner's maximum beats every pixel outside the corners
     # (a flat map peaks nowhere).
     rest = m[~regions.any(dim=0)]
@@ -120,14 +144,14 @@ def fixed_location(mean_map: torch.Tensor, corner_band: float) -> dict[str, Any]
     corner_max = [m[r].max().item() for r in regions]
     top = max(range(len(CORNERS)), key=lambda i: corner_max[i])
     peak = CORNERS[top] if corner_max[top] > rest_max else None
-    return {"lift": dict(zip(CORNERS, lift, strict=True)), "peak_corner": peak}
+    return {"lift": lift, "contrast": contrast, "peak_corner": peak}
 
 
 def dataset_verdict(
     flags: list[list[str]], rule: ShortcutRule, fixed: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The dataset's verdict from every audited map's flags and, when given, the mean
-    map's corner lifts (:func:`fixed_location`).
+    map's corner lifts and mirror contrasts (:func:`fixed_location`).
 
     Returns ``flagged``, ``reasons`` (sentences), ``causes`` (``outside_body``,
     ``corner:<name>``, ``fixed_location:<name>``), ``corner`` (the named corner or None),
@@ -149,15 +173,25 @@ def dataset_verdict(
     if corner is not None:
         reasons.append(f"{corners[top]:.0%} of the maps peak in the {corner} corner")
         causes.append(f"corner:{corner}")
-    lifts = {c: v for c, v in ((fixed or {}).get("lift") or {}).items() if v is not None}
-    hot = max(lifts, key=lambda c: lifts[c]) if n and lifts else None
-    if hot is not None and lifts[hot] >= rule.fixed_lift:
+    lifts = (fixed or {}).get("lift") or {}
+    contrasts = (fixed or {}).get("contrast") or {}
+    hot = [
+        c
+        for c in CORNERS
+        if n
+        and lifts.get(c) is not None
+        and lifts[c] >= rule.fixed_lift
+        and contrasts[c] >= rule.fixed_contrast
+    ]
+    if hot:
+        c = max(hot, key=lambda k: lifts[k])
         reasons.append(
-            f"the mean map of the {n} maps is {lifts[hot]:.1f}x denser in the {hot} corner "
-            "than on average (a fixed location across images)"
+            f"the mean map of the {n} maps is {contrasts[c]:.1f}x denser in the {c} corner "
+            f"than in the {MIRROR[c]} one, {lifts[c]:.1f}x its average (a fixed location "
+            "across images)"
         )
-        causes.append(f"fixed_location:{hot}")
-        corner = corner or hot
+        causes.append(f"fixed_location:{c}")
+        corner = corner or c
     return {
         "flagged": bool(reasons),
         "reasons": reasons,
