@@ -10,6 +10,7 @@ from torch import nn
 
 from camseg.audit import metrics as M
 from camseg.audit.faithfulness import (
+    FastScorer,
     baseline_images,
     confidence_change,
     deletion_insertion,
@@ -213,3 +214,42 @@ def test_blur_baseline_keeps_a_constant_image_and_smooths_a_spike() -> None:
     assert blurred.max() < 0.2 and blurred.sum().item() == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(ValueError, match="baseline 'noise'"):
         baseline_images(spike, "noise")
+
+
+def test_the_fast_scorer_gives_the_classifier_s_logits_with_batch_norms_folded() -> None:
+    from camseg.models.classifier import CamClassifier
+
+    torch.manual_seed(0)
+    model = CamClassifier(2, "resnet18", "torchvision", 1, 16, False).eval()
+    with torch.no_grad():  # non-trivial running statistics, so that folding matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    scorer = FastScorer(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in scorer.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model is untouched
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(scorer(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x)).mean(dim=(2, 3))
+        return y if y.sum() > 0 else -y
+
+
+def test_an_untraceable_model_is_scored_unfused() -> None:
+    model = Untraceable().eval()
+    scorer = FastScorer(model)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(scorer(x), model(x), atol=1e-6)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in scorer.modules())

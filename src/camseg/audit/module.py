@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from camseg.audit import metrics as M
 from camseg.audit.faithfulness import (
+    FastScorer,
     baseline_images,
     class_scores,
     confidence_change,
@@ -67,6 +68,8 @@ class AuditPredictModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
+        # Every forward but the CAMs' (scores, perturbed and multiplied images).
+        self.scorer = FastScorer(model)
         self.engines = engines
         self.score = class_scores(multilabel)
         self.multilabel = multilabel
@@ -95,7 +98,7 @@ class AuditPredictModule(L.LightningModule):
         images, labels = batch["image"], batch["labels"]
         s = self.s
         with torch.no_grad():
-            probs = self.score(self.model(images).float())
+            probs = self.score(self.scorer(images).float())
         mean = torch.tensor(s.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(s.std, device=images.device).view(1, -1, 1, 1)
         body = M.body_mask((images * std + mean).mean(dim=1), s.body_threshold, s.body_opening)
@@ -152,7 +155,7 @@ class AuditPredictModule(L.LightningModule):
             if s.faithfulness:
                 assert baseline is not None
                 curves = deletion_insertion(
-                    self.model,
+                    self.scorer,
                     images[b],
                     maps,
                     k,
@@ -163,7 +166,7 @@ class AuditPredictModule(L.LightningModule):
                     before=probs[b, k],
                 )
                 change = confidence_change(
-                    self.model, images[b], maps, k, self.score, s.batch_size, probs[b, k]
+                    self.scorer, images[b], maps, k, self.score, s.batch_size, probs[b, k]
                 )
                 measures |= {
                     "deletion_auc": curves.deletion_auc,
