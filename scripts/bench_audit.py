@@ -22,7 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from camseg.audit.faithfulness import class_scores, confidence_change, deletion_insertion
+from camseg.audit.faithfulness import (
+    FastScorer,
+    class_scores,
+    confidence_change,
+    deletion_insertion,
+)
 from camseg.cam import build_cam_method, normalize_cams
 from camseg.models.classifier import CamClassifier
 
@@ -48,8 +53,11 @@ def camseg_audit(model, images, targets, steps, batch) -> tuple[np.ndarray, floa
     cams = F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)
     maps = normalize_cams(cams.clamp_min(0))[torch.arange(len(targets)), targets]
     score = class_scores(False)
-    curves = deletion_insertion(model, images, maps, targets, score, steps, None, batch)
-    drop = confidence_change(model, images, maps, targets, score, batch).drop
+    scorer = FastScorer(model)  # as the audit stage: batch norms folded, channels-last
+    with torch.inference_mode():  # the plain images' scores: shared by both measures
+        before = score(scorer(images).float())[torch.arange(len(targets)), targets]
+    curves = deletion_insertion(scorer, images, maps, targets, score, steps, None, batch, before)
+    drop = confidence_change(scorer, images, maps, targets, score, batch, before).drop
     if images.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -101,9 +109,9 @@ def gradcam_audit(model, images, targets, steps) -> tuple[np.ndarray, np.ndarray
 
 def camseg_metrics(model, images, maps, targets, steps, batch) -> np.ndarray:
     """camseg's numbers on given maps (pytorch-grad-cam's own), for the comparison."""
-    score = class_scores(False)
-    curves = deletion_insertion(model, images, maps, targets, score, steps, None, batch)
-    drop = confidence_change(model, images, maps, targets, score, batch).drop
+    score, scorer = class_scores(False), FastScorer(model)
+    curves = deletion_insertion(scorer, images, maps, targets, score, steps, None, batch)
+    drop = confidence_change(scorer, images, maps, targets, score, batch).drop
     return torch.stack((curves.deletion_auc, curves.insertion_auc, drop), 1).cpu().numpy()
 
 
@@ -131,8 +139,14 @@ def main() -> None:
     n = args.images
     print(
         f"{args.backbone} {args.size}px, {n} images, {args.steps} steps, {args.device} "
-        f"({torch.get_num_threads()} threads): work per image = Grad-CAM + "
-        f"{2 * (args.steps + 1) + 2} forwards"
+        f"({torch.get_num_threads()} threads): work per image = Grad-CAM, both curves "
+        f"({args.steps + 1} points each), confidence drop"
+    )
+    print(
+        f"forwards per image: pytorch-grad-cam {2 * args.steps + 2} at batch 1 (plain, "
+        f"baseline, {2 * (args.steps - 1)} perturbed, 2 for the drop); camseg "
+        f"{2 * args.steps} + 1/{n} batched (plain, {2 * (args.steps - 1)} perturbed, "
+        "multiplied; one baseline image for all)"
     )
     print(f"camseg audit (batched):           {t_ours:8.2f} s  {n / t_ours:8.2f} images/s")
     print(f"pytorch-grad-cam, image by image: {t_theirs:8.2f} s  {n / t_theirs:8.2f} images/s")

@@ -10,6 +10,7 @@ from torch import nn
 
 from camseg.audit import metrics as M
 from camseg.audit.faithfulness import (
+    FastScorer,
     baseline_images,
     confidence_change,
     deletion_insertion,
@@ -135,21 +136,53 @@ def test_deletion_and_insertion_auc_of_a_region_mean_model_match_the_hand_comput
 
 
 def test_deletion_costs_few_forward_passes() -> None:
-    calls = []
+    calls: list[int] = []
     model = RegionMean(square(8, 8, 0, 2, 0, 4))
     model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     images = torch.rand(6, 1, 8, 8)
-    deletion_insertion(
-        model,
-        images,
-        torch.rand(6, 8, 8),
-        torch.zeros(6, dtype=torch.long),
-        identity,
-        10,
-        None,
-        132,
+    args = (model, images, torch.rand(6, 8, 8), torch.zeros(6, dtype=torch.long), identity, 10)
+    deletion_insertion(*args, None, 132)
+    # The plain images, one all-zero baseline for all, then 2 curves x 6 images x the 9
+    # inner steps in one pass: the end points are the plain and the baseline image.
+    assert calls == [6, 1, 108]
+    calls.clear()
+    deletion_insertion(*args, None, 132, before=torch.ones(6))
+    assert calls == [1, 108]
+
+
+def naive_curves(
+    model: nn.Module, images: torch.Tensor, saliency: torch.Tensor, base: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """(2,P,steps+1): every point of both curves by its own forward, image by image."""
+    p, _, h, w = images.shape
+    out = torch.empty(2, p, steps + 1)
+    for i in range(p):
+        order = torch.argsort(-saliency[i].flatten(), stable=True)
+        for s in range(steps + 1):
+            top = torch.zeros(h * w, dtype=torch.bool)
+            top[order[: round(s / steps * h * w)]] = True
+            top = top.view(1, 1, h, w)
+            deleted = torch.where(top, base[i : i + 1], images[i : i + 1])
+            inserted = torch.where(top, images[i : i + 1], base[i : i + 1])
+            out[0, i, s] = model(deleted)[0, 0]
+            out[1, i, s] = model(inserted)[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mean", "blur"])
+def test_skipping_the_end_points_leaves_the_curves_as_computed_point_by_point(kind: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    model = RegionMean(square(12, 12, 2, 9, 1, 7))
+    images = torch.rand(5, 1, 12, 12, generator=g)
+    saliency = torch.rand(5, 12, 12, generator=g)
+    base = baseline_images(images, kind)
+    with torch.no_grad():
+        want = naive_curves(model, images, saliency, base, 7)
+    got = deletion_insertion(
+        model, images, saliency, torch.zeros(5, dtype=torch.long), identity, 7, base, 16
     )
-    assert calls == [132]  # 2 curves x 6 images x 11 steps in one pass
+    assert torch.allclose(got.deletion, want[0], atol=1e-6)
+    assert torch.allclose(got.insertion, want[1], atol=1e-6)
 
 
 def test_salience_ranks_are_a_permutation_with_the_peak_first() -> None:
@@ -181,3 +214,42 @@ def test_blur_baseline_keeps_a_constant_image_and_smooths_a_spike() -> None:
     assert blurred.max() < 0.2 and blurred.sum().item() == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(ValueError, match="baseline 'noise'"):
         baseline_images(spike, "noise")
+
+
+def test_the_fast_scorer_gives_the_classifier_s_logits_with_batch_norms_folded() -> None:
+    from camseg.models.classifier import CamClassifier
+
+    torch.manual_seed(0)
+    model = CamClassifier(2, "resnet18", "torchvision", 1, 16, False).eval()
+    with torch.no_grad():  # non-trivial running statistics, so that folding matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    scorer = FastScorer(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in scorer.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model is untouched
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(scorer(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x)).mean(dim=(2, 3))
+        return y if y.sum() > 0 else -y
+
+
+def test_an_untraceable_model_is_scored_unfused() -> None:
+    model = Untraceable().eval()
+    scorer = FastScorer(model)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(scorer(x), model(x), atol=1e-6)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in scorer.modules())

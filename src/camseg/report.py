@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from camseg import fingerprint
 from camseg.audit.report import section as audit_section
 from camseg.errors import CamsegError
+from camseg.pseudo.audit_check import report_lines as shortcut_lines
 from camseg.pseudo.coverage import coverage_problem, empty_classes
 from camseg.report_cases import case_lines
 from camseg.rundir import RunDir
@@ -152,6 +153,7 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
             "",
         ]
         lines += calibration_lines(run, manifest.get("calibration"))
+        lines += shortcut_lines(manifest)  # the audit's flag, beside the masks' quality
         if quality and "sweep" in quality:
             sw = quality["sweep"]
             lines += [

@@ -11,17 +11,23 @@
 
 Batched: the perturbed copies of all images and steps are built on the device and go
 through the model ``batch_size`` at a time, so a batch of P images costs about
-``2 P (steps + 1) / batch_size`` forward passes instead of ``2 P (steps + 1)``.
+``2 P (steps - 1) / batch_size`` forward passes instead of ``2 P (steps - 1)``: the
+curves' end points are the plain image (whose score the caller has) and the baseline
+(one image for all when it is the mean), never perturbed copies of them.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 #: ``logits (N,K) -> scores (N,K)``: sigmoid, softmax or identity.
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
@@ -33,6 +39,33 @@ def class_scores(multilabel: bool) -> ScoreFn:
     if multilabel:
         return torch.sigmoid
     return lambda logits: logits.softmax(dim=1)
+
+
+class FastScorer(nn.Module):
+    """An inference copy of a classifier for the many forwards of the faithfulness measures.
+
+    Each batch norm that follows a convolution is folded into it (``torch.fx``; a model
+    that cannot be traced keeps its batch norms) and the weights and inputs are
+    channels-last: on a CPU about 1.3x each, together ~1.8x per forward (resnet18). The
+    logits equal the model's up to float rounding (about 1e-6). The CAMs still come from
+    the model itself: hooks and gradients need its own modules.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        net = copy.deepcopy(model).eval()
+        try:
+            from torch.fx.experimental.optimization import fuse
+
+            net = fuse(net)
+        except Exception as e:  # any tracing failure: keep the model unfused
+            log.debug("audit: %s cannot be traced (%s); batch norms not folded", type(model), e)
+        self.net = net.to(memory_format=torch.channels_last).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
 
 
 def salience_ranks(saliency: torch.Tensor) -> torch.Tensor:
@@ -79,7 +112,32 @@ class Curves:
         return torch.trapezoid(self.insertion, self.fractions, dim=1)
 
 
-@torch.no_grad()
+def _scores(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, score: ScoreFn, batch_size: int
+) -> torch.Tensor:
+    """Scores of ``targets`` (N,) for ``x`` (N,C,H,W), ``batch_size`` images per forward."""
+    out = torch.empty(len(x), device=x.device)
+    for start in range(0, len(x), batch_size):
+        sl = slice(start, start + batch_size)
+        out[sl] = score(model(x[sl]).float()).gather(1, targets[sl, None])[:, 0]
+    return out
+
+
+def _baseline_scores(
+    model: nn.Module,
+    base: torch.Tensor,
+    targets: torch.Tensor,
+    score: ScoreFn,
+    batch_size: int,
+) -> torch.Tensor:
+    """Scores of the all-baseline images (P,): one forward when every image has the same
+    baseline (the mean baseline: all zeros), else one per image."""
+    if torch.equal(base, base[:1].expand_as(base)):
+        return score(model(base[:1]).float())[0, targets]
+    return _scores(model, base, targets, score, batch_size)
+
+
+@torch.inference_mode()
 def deletion_insertion(
     model: nn.Module,
     images: torch.Tensor,
@@ -89,12 +147,20 @@ def deletion_insertion(
     steps: int = 16,
     baseline: torch.Tensor | None = None,
     batch_size: int = 64,
+    before: torch.Tensor | None = None,
 ) -> Curves:
     """Deletion and insertion curves of ``targets`` (P,) under ``saliency`` (P,H,W) for
     ``images`` (P,C,H,W), in chunks of ``batch_size`` perturbed images per forward.
 
     Step ``s`` removes (deletion) or keeps (insertion) the ``round(s / steps * H * W)``
     most salient pixels; ``baseline`` (P,C,H,W) is what removed pixels become (default 0).
+    ``before``: the scores of the plain images when the caller has them already (P,).
+
+    Only the inner steps need perturbed images: nothing removed is the plain image
+    (deletion's first point, insertion's last) and everything removed is the baseline
+    (deletion's last, insertion's first; one forward for all images when their baselines
+    are equal). So a map costs ``2 (steps - 1)`` forwards, plus one for the plain image
+    unless ``before`` is given.
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least 1")
@@ -104,19 +170,29 @@ def deletion_insertion(
     base = torch.zeros_like(images) if baseline is None else baseline
     n = h * w
     counts = torch.round(torch.arange(steps + 1, device=images.device) / steps * n).long()
+    curves = torch.empty(2, p, steps + 1, device=images.device)
+    if p == 0:
+        return Curves(counts.float() / n, curves[0], curves[1])
+    plain = _scores(model, images, targets, score, batch_size) if before is None else before
+    empty = _baseline_scores(model, base, targets, score, batch_size)
+    none_, all_ = counts == 0, counts == n
+    curves[0][:, none_], curves[1][:, all_] = plain[:, None].float(), plain[:, None].float()
+    curves[0][:, all_], curves[1][:, none_] = empty[:, None].float(), empty[:, None].float()
+    inner = (~none_ & ~all_).nonzero()[:, 0]
+    m = len(inner)
     ranks = salience_ranks(saliency)
-    jobs = torch.arange(2 * p * (steps + 1), device=images.device)
+    jobs = torch.arange(2 * p * m, device=images.device)
     scores = torch.empty(len(jobs), device=images.device)
     for start in range(0, len(jobs), batch_size):
         j = jobs[start : start + batch_size]
-        insertion, rest = j // (p * (steps + 1)), j % (p * (steps + 1))
-        i, s = rest // (steps + 1), rest % (steps + 1)
+        insertion, rest = j // (p * m), j % (p * m)
+        i, s = rest // m, inner[rest % m]
         top = (ranks[i] < counts[s][:, None]).view(-1, 1, h, w)
         keep_image = top == insertion.bool().view(-1, 1, 1, 1)
         x = torch.where(keep_image, images[i], base[i])
         scores[start : start + len(j)] = score(model(x).float())[torch.arange(len(j)), targets[i]]
-    curves = scores.view(2, p, steps + 1)
-    return Curves(counts.float() / n, curves[0], curves[1])
+    curves[:, :, inner] = scores.view(2, p, m)
+    return Curves(counts.float() / n, curves[0].clone(), curves[1].clone())
 
 
 @dataclass
@@ -142,7 +218,7 @@ class ConfidenceChange:
         return (self.after > self.before).float()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def confidence_change(
     model: nn.Module,
     images: torch.Tensor,

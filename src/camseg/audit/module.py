@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from camseg.audit import metrics as M
 from camseg.audit.faithfulness import (
+    FastScorer,
     baseline_images,
     class_scores,
     confidence_change,
@@ -46,10 +47,12 @@ class AuditSettings:
 
 
 class AuditPredictModule(L.LightningModule):
-    """``predict_step`` -> ``{"rows": [...], "focus": {method: (K,2,S,S)}, "counts": (K,2)}``.
+    """``predict_step`` -> ``{"rows": [...], "focus": {method: (K,2,S,S)}, "counts": (K,2),
+    "map_sum": {method: (H,W)}}``.
 
     ``focus`` sums the maps of each true class over the images whose class the classifier
-    predicts (index 0) or misses (1); ``counts`` counts those images.
+    predicts (index 0) or misses (1); ``counts`` counts those images. ``map_sum`` sums all
+    the batch's maps (one per row) at the input's size, for the fixed-location test.
 
     Rows hold, per (image, class) pair and method: energy pointing, pointing game,
     out-of-body share, border and corner shares, the peak's corner, and (with
@@ -65,6 +68,8 @@ class AuditPredictModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
+        # Every forward but the CAMs' (scores, perturbed and multiplied images).
+        self.scorer = FastScorer(model)
         self.engines = engines
         self.score = class_scores(multilabel)
         self.multilabel = multilabel
@@ -93,7 +98,7 @@ class AuditPredictModule(L.LightningModule):
         images, labels = batch["image"], batch["labels"]
         s = self.s
         with torch.no_grad():
-            probs = self.score(self.model(images).float())
+            probs = self.score(self.scorer(images).float())
         mean = torch.tensor(s.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(s.std, device=images.device).view(1, -1, 1, 1)
         body = M.body_mask((images * std + mean).mean(dim=1), s.body_threshold, s.body_opening)
@@ -120,6 +125,7 @@ class AuditPredictModule(L.LightningModule):
             for i, c in pairs.tolist()
         ]
         focus: dict[str, torch.Tensor] = {}
+        map_sum: dict[str, torch.Tensor] = {}
         pos = (labels > 0.5).float()
         counts = torch.stack(((pos * predicted).sum(0), (pos * ~predicted).sum(0)), dim=1).cpu()
         for name, engine in self.engines.items():
@@ -134,6 +140,7 @@ class AuditPredictModule(L.LightningModule):
                 ),
                 dim=1,
             ).cpu()
+            map_sum[name] = maps.double().sum(dim=0).cpu()
             if not len(pairs):
                 continue
             measures: dict[str, torch.Tensor] = {
@@ -148,10 +155,18 @@ class AuditPredictModule(L.LightningModule):
             if s.faithfulness:
                 assert baseline is not None
                 curves = deletion_insertion(
-                    self.model, images[b], maps, k, self.score, s.steps, baseline[b], s.batch_size
+                    self.scorer,
+                    images[b],
+                    maps,
+                    k,
+                    self.score,
+                    s.steps,
+                    baseline[b],
+                    s.batch_size,
+                    before=probs[b, k],
                 )
                 change = confidence_change(
-                    self.model, images[b], maps, k, self.score, s.batch_size, probs[b, k]
+                    self.scorer, images[b], maps, k, self.score, s.batch_size, probs[b, k]
                 )
                 measures |= {
                     "deletion_auc": curves.deletion_auc,
@@ -168,4 +183,4 @@ class AuditPredictModule(L.LightningModule):
                 m["border_share"] = dict(zip(M.BORDERS, borders_l[j], strict=True))
                 m["corner_share"] = dict(zip(M.CORNERS, corners_l[j], strict=True))
                 row["methods"][name] = m
-        return {"rows": rows, "focus": focus, "counts": counts}
+        return {"rows": rows, "focus": focus, "counts": counts, "map_sum": map_sum}

@@ -149,7 +149,8 @@ def audit_dataset(cfg: DictConfig, ckpt: Path, dm: CamSegDataModule, out: Path) 
         "focus": {},
     }
     for name in engines:
-        doc["methods"][name] = summarise_method(rows, name, classes, rule)
+        mean_map = torch.stack([p["map_sum"][name] for p in preds]).sum(0) / max(1, len(rows))
+        doc["methods"][name] = summarise_method(rows, name, classes, rule, mean_map)
         sums = torch.stack([p["focus"][name] for p in preds]).sum(0)
         doc["focus"][name] = {**focus_summary(sums, counts, classes), "image": f"focus_{name}.png"}
         save_png_atomic(out / f"focus_{name}.png", focus_image(sums, counts))
@@ -163,6 +164,7 @@ def audit_dataset(cfg: DictConfig, ckpt: Path, dm: CamSegDataModule, out: Path) 
         "shortcut": m["shortcut"]["flagged"],
         "shortcut_corner": m["shortcut"]["corner"],
         "shortcut_reasons": m["shortcut"]["reasons"],
+        "shortcut_causes": m["shortcut"]["causes"],
     }
     doc["rows"] = rows
     return doc

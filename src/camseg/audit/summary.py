@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from camseg.audit.metrics import BORDERS, CORNERS
-from camseg.audit.shortcut import ShortcutRule, dataset_verdict, image_flags
+from camseg.audit.shortcut import ShortcutRule, dataset_verdict, fixed_location, image_flags
 
 LOCALISATION = ("energy_pointing", "pointing_game")
 FAITHFULNESS = ("deletion_auc", "insertion_auc", "average_drop", "confidence_drop", "increase")
@@ -80,9 +80,14 @@ def focus_overlap(focus: torch.Tensor) -> list[list[float | None]]:
 
 
 def summarise_method(
-    rows: list[dict[str, Any]], method: str, classes: list[str], rule: ShortcutRule
+    rows: list[dict[str, Any]],
+    method: str,
+    classes: list[str],
+    rule: ShortcutRule,
+    mean_map: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """One method's section of audit.json."""
+    """One method's section of audit.json; ``mean_map`` (H,W): the mean of its maps, for
+    the fixed-location test (left out when None)."""
     ms = [r["methods"][method] for r in rows]
     flags = image_flags(
         torch.tensor([m["out_of_body"] for m in ms], dtype=torch.float64),
@@ -90,7 +95,8 @@ def summarise_method(
         torch.tensor([m["peak_corner"] for m in ms], dtype=torch.long),
         rule,
     )
-    verdict = dataset_verdict(flags, rule)
+    fixed = None if mean_map is None else fixed_location(mean_map, rule.corner_band)
+    verdict = dataset_verdict(flags, rule, fixed)
     verdict["flagged_maps"] = [
         {"id": r["id"], "class": classes[r["class"]], "reasons": f}
         for r, f in zip(rows, flags, strict=True)

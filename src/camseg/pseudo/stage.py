@@ -17,6 +17,7 @@ from camseg.cam import CamMethod, PseudoMaskPolicy, build_cam_method
 from camseg.cls.checkpoint import check_compatible, load_classifier
 from camseg.constants import IGNORE_INDEX, MANIFEST_SCHEMA_VERSION
 from camseg.errors import CamsegError, ConfigError
+from camseg.pseudo.audit_check import check_audit
 from camseg.pseudo.calibrate import calibrate_if_asked
 from camseg.pseudo.coverage import (
     check_min_coverage,
@@ -152,6 +153,15 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         )
     policy = build_policy(cfg, multilabel)
     refine_mode(cfg)  # pseudo.refine is checked before any CAM is computed
+    # The audit's shortcut verdict on this classifier: warn (or stop) before any CAM.
+    shortcut = check_audit(
+        cfg,
+        run,
+        {
+            fingerprint.LABELS: sha256_file(Path(dm.root) / "labels.csv"),
+            fingerprint.CLS_CHECKPOINT: sha256_file(run.cls_best),
+        },
+    )
     engine, cam_desc = build_engine(cfg, model, multilabel)
     # -- pseudo.calibrate: the policy chosen on the validation patients (pseudo/calibrate.py) --
     calibration = calibrate_if_asked(cfg, run, dm, model, engine, policy)
@@ -266,14 +276,16 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         provenance = refine_pseudo(cfg, run, dm, policy, provenance)
         result = {}
         if trainer.is_global_zero:
-            result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
+            result = finalize(
+                cfg, run, provenance, [s.id for s in all_samples], dm.classes, shortcut
+            )
         # The other ranks go on to stage 3 only once rank 0 has written the manifest.
         trainer.strategy.barrier()
         stop_if_uncovered_run(cfg, run, provenance)
         return result
     # Nothing left to predict: merging is idempotent and atomic, every rank may do it.
     provenance = refine_pseudo(cfg, run, dm, policy, provenance)
-    result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes)
+    result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes, shortcut)
     stop_if_uncovered_run(cfg, run, provenance)
     return result
 
@@ -290,9 +302,15 @@ def crf_workers(value: Any) -> int | None:
 
 
 def finalize(
-    cfg: DictConfig, run: RunDir, provenance: dict[str, Any], ids: list[str], classes: list[str]
+    cfg: DictConfig,
+    run: RunDir,
+    provenance: dict[str, Any],
+    ids: list[str],
+    classes: list[str],
+    shortcut: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge the per-sample rows into manifest.json (sorted by id) and write quality.json."""
+    """Merge the per-sample rows into manifest.json (sorted by id) and write quality.json;
+    ``shortcut``: the audit's flagged verdict (:mod:`camseg.pseudo.audit_check`), recorded."""
     out = run.pseudo
     rows = []
     missing = []
@@ -315,10 +333,15 @@ def finalize(
     coverage = coverage_stats(rows, classes, fg_threshold)
     write_quality({**(quality or {}), "coverage": coverage}, out)
     # Written last: a manifest on disk means the stage is complete.
-    manifest_sorted = {k: manifest[k] for k in [*provenance.keys(), "samples"]}
+    manifest_sorted = {k: manifest[k] for k in provenance}
+    if shortcut is not None:
+        manifest_sorted["audit_shortcut"] = shortcut
+    manifest_sorted["samples"] = manifest["samples"]
     write_json_atomic(run.manifest, manifest_sorted)
     fg = float(np.mean([r["fg_fraction"] for r in rows])) if rows else 0.0
     result: dict[str, Any] = {"stage": "pseudo", "samples": len(rows), "mean_fg_fraction": fg}
+    if shortcut is not None:
+        result["audit_shortcut"] = shortcut["causes"]
     result["positive_coverage"] = {
         c: v["positive_coverage"] for c, v in coverage["per_class"].items()
     }
