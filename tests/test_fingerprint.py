@@ -160,7 +160,13 @@ def test_each_stage_fingerprints_the_keys_that_shape_it(tmp_path: Path, data: Pa
     assert "pseudo.fg_threshold" in pseudo_keys and "cam.scales" in pseudo_keys
     assert "data.predict_split" in pseudo_keys and "trainer.precision" in pseudo_keys
     assert not any(k.startswith(("model.", "seg.")) for k in pseudo_keys)
-    for runtime in ("pseudo.batch_size", "pseudo.overlays", "data.train_transforms", "seed"):
+    for runtime in (
+        "pseudo.batch_size",
+        "pseudo.overlays",
+        "pseudo.on_shortcut",
+        "data.train_transforms",
+        "seed",
+    ):
         assert runtime not in pseudo_keys, runtime
     seg_keys = fingerprint.stage_config("seg", cfg)
     assert "seg.max_epochs" in seg_keys and "seed" in seg_keys
@@ -185,6 +191,9 @@ def test_manifest_digest_ignores_where_the_run_lives(tmp_path: Path) -> None:
     }
     b.write_text(json.dumps(moved, indent=1))
     c.write_text(json.dumps({**m, "policy": {"fg_threshold": 0.6}}))
+    warned = tmp_path / "warned.json"  # the audit's shortcut warning says nothing about the masks
+    warned.write_text(json.dumps({**m, "audit_shortcut": {"flagged": True, "corner": "top-left"}}))
+    assert fingerprint.manifest_digest(a) == fingerprint.manifest_digest(warned)
     assert fingerprint.manifest_digest(a) == fingerprint.manifest_digest(b)
     assert fingerprint.manifest_digest(a) != fingerprint.manifest_digest(c)
     assert fingerprint.manifest_digest(tmp_path / "none.json") is None

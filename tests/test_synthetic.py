@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,21 @@ def test_a_dataset_finished_meanwhile_by_another_process_is_kept(
     assert generate(out, **TINY) == out
     assert (out / "labels.csv").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_generated_dataset_is_not_reused_for_other_generator_arguments(tmp_path: Path) -> None:
+    """The folder name leaves out shortcut_marker_prob: the recorded arguments catch it."""
+    from camseg.data.synthetic import SPEC_JSON, generate_if_asked
+
+    spec = {"flavor": "hemorrhage", "patients": 2, "slices_per_patient": 2, "size": 32, "seed": 0}
+    spec["shortcut_marker_prob"] = 0.9
+    root = tmp_path / "data" / "synthetic-x"
+    assert generate_if_asked(root, spec, tmp_path / "data")
+    assert json.loads((root / SPEC_JSON).read_text()) == spec
+    assert not generate_if_asked(root, dict(spec), tmp_path / "data")  # same arguments: reused
+    with pytest.raises(DatasetError) as err:
+        generate_if_asked(root, {**spec, "shortcut_marker_prob": 0.0}, tmp_path / "data")
+    assert "shortcut_marker_prob=0.9 (asked 0.0)" in str(err.value)
+    assert "\n" not in str(err.value)
+    (root / SPEC_JSON).unlink()  # generated before the record existed: not checked
+    assert not generate_if_asked(root, {**spec, "shortcut_marker_prob": 0.0}, tmp_path / "data")

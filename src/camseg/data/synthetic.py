@@ -50,9 +50,11 @@ from camseg.data.synthetic_presets import LesionRecord, get_preset, render_reali
 from camseg.data.synthetic_render import min_lesion_area as min_lesion_area  # re-export
 from camseg.data.synthetic_render import render_volume
 from camseg.errors import ConfigError, DatasetError
-from camseg.utils.io import png_bytes, remove_path
+from camseg.utils.io import png_bytes, read_json, remove_path, write_json_atomic
 
 FLAVORS = ("hemorrhage", "nodule")
+# The generation arguments of a dataset made on first use (data=synthetic), beside labels.csv.
+SPEC_JSON = "synthetic.json"
 MIN_SIZE = 32
 # Negatives carry the shortcut marker this much less often than positives.
 MARKER_NEGATIVE_FACTOR = 0.2
@@ -333,7 +335,10 @@ def generate_if_asked(
         DatasetError: ``root`` lacks a labels.csv and lies outside ``data_dir``.
     """
     root = Path(root)
-    if not spec or (root / LABELS_CSV).is_file():
+    if not spec:
+        return False
+    if (root / LABELS_CSV).is_file():
+        _check_generated_with(root, spec)
         return False
     if data_dir is not None:
         base = Path(data_dir).resolve()
@@ -345,4 +350,28 @@ def generate_if_asked(
                 "fix the path, and add data=default to train on your own dataset"
             )
     generate(root, **spec)
+    write_json_atomic(root / SPEC_JSON, spec)
     return True
+
+
+def _check_generated_with(root: Path, spec: dict) -> None:
+    """Refuse a generated dataset whose recorded arguments differ from ``spec``.
+
+    The folder name holds most arguments but not all (e.g. ``shortcut_marker_prob``): without
+    this check a run asking for other data would silently train on what an earlier run made.
+    Datasets generated before the record existed (no ``synthetic.json``) are not checked.
+    """
+    record = root / SPEC_JSON
+    if not record.is_file():
+        return
+    made = read_json(record)
+    if not isinstance(made, dict):
+        raise DatasetError(f"{record}: not a JSON object; delete {root} to generate it again")
+    differs = [
+        f"{k}={made[k]!r} (asked {v!r})" for k, v in spec.items() if k in made and made[k] != v
+    ]
+    if differs:
+        raise DatasetError(
+            f"data.root={root} was generated with other arguments: {', '.join(differs)}; "
+            "set paths.data_dir (or data.root) to another folder, or delete this one to regenerate it"
+        )

@@ -126,8 +126,14 @@ def labels_digest(data_root: str | Path) -> str | None:
 
 
 # Manifest fields that say where and by which version, not what: a moved dataset or run
-# directory, or a rerun of the finished stage 2 by another camseg, keeps its digest.
-_MANIFEST_VOLATILE = (("dataset", "root"), ("camseg_version",), ("run_name",))
+# directory, or a rerun of the finished stage 2 by another camseg, keeps its digest. The audit's
+# shortcut warning is about the classifier, not the masks: a redone audit does not stale stage 3.
+_MANIFEST_VOLATILE = (
+    ("dataset", "root"),
+    ("camseg_version",),
+    ("run_name",),
+    ("audit_shortcut",),
+)
 
 
 def manifest_digest(path: Path) -> str | None:

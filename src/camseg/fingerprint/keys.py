@@ -71,6 +71,7 @@ SCOPES: dict[str, Scope] = {
             "pseudo.batch_size",
             "pseudo.overlays",
             "pseudo.crf_workers",
+            "pseudo.on_shortcut",  # what to do about the audit's verdict, not how masks are made
         ),
     ),
     "audit": Scope(
