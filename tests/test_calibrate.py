@@ -225,12 +225,20 @@ def test_stages_recorded_before_the_new_keys_stay_valid() -> None:
     from camseg import fingerprint
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=lgg_mri"])
+        cfg = compose("config", overrides=["experiment=synthetic"])
+        lgg = compose("config", overrides=["experiment=lgg_mri"])
     new_keys = ("data.cv_", "pseudo.threshold_rule", "pseudo.calibrat")
     for stage in ("cls", "pseudo", "seg"):
         now = fingerprint.stage_config(stage, cfg)
         before = {k: v for k, v in now.items() if not k.startswith(new_keys)}
         assert fingerprint.diff(before, now) == []
+    # The LGG recipe now calibrates (pseudo.calibrate: auto): its stage 2 recorded before would
+    # make other masks, so it is stale; its classifier and the rest are not.
+    for stage in ("cls", "pseudo"):
+        now = fingerprint.stage_config(stage, lgg)
+        before = {k: v for k, v in now.items() if not k.startswith(new_keys)}
+        changed = [c.key for c in fingerprint.diff(before, now)]
+        assert changed == ([] if stage == "cls" else ["pseudo.calibrate"])
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
             "config", overrides=["experiment=lgg_mri", "cv.fold=1", "pseudo.calibrate=true"]
