@@ -256,30 +256,25 @@ def make_cfg(root: Path, data: Path, *extra: str):
 
 
 def hemorrhage_policy() -> list[str]:
-    """The hemorrhage experiment's stage-2 policy (CRF, thresholds, min_component_size) as it
-    failed on head CT, when its lengths were pixels: 3 px / 40 px kernels and a 20 px clean-up,
-    here at the toy's size (a 20 px clean-up removes its 13 px lesions). Read as fractions of
-    the image, the recipe's 20 px of a 512 px slice no longer removes them at 64 px (issue 12)."""
+    """The hemorrhage experiment's stage-2 policy as it failed on head CT (issue 12), before it
+    was re-tuned: ``pseudo=crf`` (grown background prior, ``bg_power`` 0.25), absolute
+    thresholds 0.35 / 0.1, 3 px / 40 px kernels and a 20 px clean-up. Its lengths were pixels
+    then, so here they are the same pixels at the toy's size (a 20 px clean-up removes its
+    13 px lesions); no calibration (it did not exist)."""
     exp = OmegaConf.load(REPO / "conf/experiment/hemorrhage.yaml")
     assert "override /pseudo" in str(exp.defaults) and "crf" in str(exp.defaults)
-    flat = pd_flatten(OmegaConf.to_container(exp.pseudo))
-    # back from the fractions of the 512 px CT slice to the pixels they stand for, at SIZE px
-    flat["min_component_size"] = flat["min_component_size"] * 512**2 / SIZE**2
-    flat["crf.gaussian_sxy"] = flat["crf.gaussian_sxy"] * 512 / SIZE
-    flat["crf.bilateral_sxy"] = flat["crf.bilateral_sxy"] * 512 / SIZE
-    assert flat["min_component_size"] * SIZE**2 == 20
+    crf = OmegaConf.load(REPO / "conf/pseudo/crf.yaml")
+    assert crf.crf.bg_power == 0.25  # pseudo=crf still grows the background prior
+    flat = {
+        "calibrate": False,
+        "fg_threshold": 0.35,
+        "bg_threshold": 0.1,
+        "min_component_size": 20 / SIZE**2,
+        "crf.gaussian_sxy": 3 / SIZE,
+        "crf.bilateral_sxy": 40 / SIZE,
+        "crf.bg_power": 0.25,
+    }
     return ["pseudo=crf", *(f"pseudo.{k}={v}" for k, v in flat.items())]
-
-
-def pd_flatten(tree: dict, prefix: str = "") -> dict:
-    """{"crf": {"bg_power": 1}} -> {"crf.bg_power": 1}: one override per leaf."""
-    out: dict = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(pd_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @pytest.fixture(scope="module")
