@@ -93,11 +93,16 @@ def test_hemorrhage_experiment_on_a_converted_ct_ich_fixture(tmp_path: Path) -> 
     data = convert_ct_ich(src, tmp_path / "data" / "ct-ich", progress=False)
     index = validate_root(data)
     assert index.classes == ["hemorrhage"]
-    # The recipe: 3 CT windows x 3 slices (2.5D), CRF, two self-training rounds.
+    # The recipe: 3 CT windows x 3 slices (2.5D), CRF, policy calibrated on the validation
+    # patients' masks (CT-ICH has them), two self-training rounds.
     run = run_experiment("hemorrhage", data, tmp_path)
     manifest = json.loads((run / "pseudo/manifest.json").read_text())
     assert manifest["dataset"]["in_channels"] == 9 and manifest["dataset"]["context_slices"] == 1
-    assert manifest["policy"]["crf"] is not None
+    calibration = manifest["calibration"]
+    assert calibration["status"] == "calibrated"
+    assert calibration["configured"]["crf"]["bg_power"] == 1.0  # the recipe's fixed fallback
+    applied = {k: v for k, v in manifest["policy"].items() if k != "ignore_index"}
+    assert applied == calibration["chosen"]  # what was applied is what was chosen
     seg = json.loads((run / "seg/metrics.json").read_text())
     assert seg["round"] == 2 and [r["round"] for r in seg["rounds"]] == [1, 2]
     # Each round's validation score is recorded, and the best one is named.
