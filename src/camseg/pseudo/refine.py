@@ -100,9 +100,9 @@ class _SaveLast(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
-        # Lightning saves the full state by default (weights, optimizer, loops): resumable. It is
-        # read back only through camseg.checkpoints (weights_only=True).
-        trainer.save_checkpoint(tmp, weights_only=False)
+        # The full state (weights, optimizer, loops; the second argument says "not the weights
+        # alone"): resumable. It is read back only through camseg.checkpoints, which never unpickles.
+        trainer.save_checkpoint(tmp, False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 
