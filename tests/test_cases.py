@@ -218,3 +218,41 @@ def test_pictures_are_spread_over_the_patients_lesions_first() -> None:
     assert picked == ["A_2", "B_2", "C_2", "A_0", "B_0"]
     assert len(spread_over_patients(samples, 50)) == 12  # never more than there are
     assert spread_over_patients([], 3) == []
+
+
+def test_report_html_carries_the_audit_headline(tmp_path: Path) -> None:
+    """The audit's figures, its shortcut warning (escaped) and its focus image, inlined."""
+    import base64
+
+    from camseg.audit.report import html_section
+    from camseg.report_html import write_html_report
+
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    png = _square(16, 2, 2, 4).astype(np.uint8) * 255
+    Image.fromarray(png).save(audit_dir / "focus_cam.png")
+    doc = {
+        "dataset": {"images": 12, "split": "val"},
+        "headline": {
+            "method": "cam",
+            "energy_pointing": 0.25,
+            "pointing_game": 0.5,
+            "out_of_body_share": 0.75,
+            "shortcut": True,
+            "shortcut_reasons": ["83% of the maps peak in the top-left corner <marker>"],
+        },
+        "focus": {"cam": {"image": "focus_cam.png"}},
+    }
+    block = html_section(doc, audit_dir)
+    assert "energy inside the lesion 25%" in block and "pointing game 50%" in block
+    assert "energy outside the body 75%" in block
+    assert "top-left corner &lt;marker&gt;" in block and "<marker>" not in block
+    inlined = base64.b64encode((audit_dir / "focus_cam.png").read_bytes()).decode("ascii")
+    assert f"data:image/png;base64,{inlined}" in block
+    page = write_html_report(
+        tmp_path / "report.html", "t", tmp_path, ["lesion"], None, None, preface=block
+    ).read_text()
+    assert "Warning: the classifier may rest on a shortcut" in page
+    assert html_section(None, audit_dir) == ""
+    calm = {**doc, "headline": {**doc["headline"], "shortcut": False, "shortcut_reasons": []}}
+    assert "No shortcut flagged" in html_section(calm, audit_dir)

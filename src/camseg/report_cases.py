@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from camseg.audit import report as audit_report
 from camseg.data.folder import load_index
 from camseg.errors import CamsegError
 from camseg.report_html import REPORT_HTML, write_html_report
@@ -134,6 +135,7 @@ def case_lines(run: RunDir, manifest: dict[str, Any] | None) -> list[str]:
             run.seg / "predictions",
             run.pseudo if run.pseudo.is_dir() else None,
             manifest.get("samples", []),
+            preface=audit_report.html_section(audit_report.load(run), run.stage("audit")),
         )
         lines += [
             "",

@@ -173,8 +173,10 @@ def write_html_report(
     pseudo_dir: Path | None = None,
     train_samples: list[dict[str, Any]] | None = None,
     train_limit: int = 48,
+    preface: str = "",
 ) -> Path:
-    """Write the page; returns its path. ``cases`` as :func:`camseg.seg.cases.evaluate_predictions` gives."""
+    """Write the page; returns its path. ``cases`` as :func:`camseg.seg.cases.evaluate_predictions`
+    gives; ``preface``: HTML placed before the cases (the audit's headline)."""
     rows: list[str] = []
     if cases and pred_dir is not None:
         rows += _test_rows(root, cases, pred_dir, class_names)
@@ -189,6 +191,7 @@ def write_html_report(
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body><h1>{html.escape(title)}</h1>
+{preface}
 <p>{n_test} test images with ground truth, worst Dice first, then the {len(train)} training pseudo-masks
 with the lowest Dice. Contours: prediction / pseudo-mask in the class colour, ground truth in yellow.</p>
 <div id="filters">patient <select id="patient"><option value="">all</option>{options}</select>

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import html
+from pathlib import Path
 from typing import Any
 
 from camseg.rundir import RunDir
@@ -76,3 +79,36 @@ def section(run: RunDir) -> list[str]:
             "",
         ]
     return lines
+
+
+def html_section(doc: dict[str, Any] | None, audit_dir: Path) -> str:
+    """The audit's headline for ``report.html``: the same figures as :func:`section`, the
+    shortcut warning, and the outcome-focus image inlined (the page stays one file)."""
+    if not doc:
+        return ""
+    h = doc["headline"]
+    esc = html.escape
+    parts = [
+        "<h2>Audit: where the classifier looks</h2>",
+        f"<p>CAM <code>{esc(str(h['method']))}</code> on {doc['dataset']['images']} positive "
+        f"images ({esc(str(doc['dataset']['split']))} split): energy inside the lesion "
+        f"{_pct(h['energy_pointing'])}, pointing game {_pct(h['pointing_game'])}, energy "
+        f"outside the body {_pct(h['out_of_body_share'])}.</p>",
+    ]
+    if h["shortcut"]:
+        reasons = "; ".join(str(r) for r in h["shortcut_reasons"])
+        parts.append(
+            '<p class="fn"><b>Warning: the classifier may rest on a shortcut</b> — '
+            f"{esc(reasons)}. Pseudo-masks made from these CAMs may mark it instead of the lesion.</p>"
+        )
+    else:
+        parts.append("<p>No shortcut flagged.</p>")
+    focus = doc.get("focus", {}).get(h["method"])
+    path = audit_dir / str(focus["image"]) if focus else None
+    if path is not None and path.is_file():
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(
+            '<p>Mean normalised CAM per class, predicted (left) vs missed (right):</p><img alt="outcome focus" '
+            f'style="width:auto;max-width:100%" src="data:image/png;base64,{data}">'
+        )
+    return "\n".join(parts)
