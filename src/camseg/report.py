@@ -96,16 +96,168 @@ def _config_section(run: RunDir, done: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Path | None:
-    """Write ``run/report.md`` from the artifacts present; also keep ``timings.json`` up to date."""
-    if not run.root.is_dir():
-        return None
+def _update_timings(run: RunDir, timings: dict[str, float]) -> dict[str, Any]:
+    """Merge this invocation's stage wall times into ``timings.json``; all of them."""
     tpath = run.root / "timings.json"
     all_timings = _load(tpath) or {}
     all_timings.update({k: round(v, 1) for k, v in timings.items()})
     from camseg.utils.io import write_json_atomic
 
     write_json_atomic(tpath, all_timings)
+    return all_timings
+
+
+def _status_table(
+    run: RunDir, all_timings: dict[str, Any], stale: dict[str, str], done: dict[str, Any]
+) -> list[str]:
+    """One row per stage: not run, done or stale, and its wall time; ``done``: the results of
+    cls, pseudo and seg (None when not run)."""
+    lines = ["| stage | status | wall time (s) |", "|---|---|---|"]
+    audited = (run.stage("audit") / "audit.json").is_file()
+    for stage in ("cls", "audit", "pseudo", "seg"):
+        ran = audited if stage == "audit" else done[stage]
+        t = all_timings.get(stage)
+        wall = "–" if t is None else f"{float(t):.1f}"
+        status = "not run" if not ran else f"stale: {stale[stage]}" if stage in stale else "done"
+        lines.append(f"| {stage} | {status} | {wall} |")
+    lines.append("")
+    return lines
+
+
+def _cls_section(cls_m: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Stage 1: classifier",
+        "",
+        f"Best checkpoint by `{cls_m['monitor']}` after {cls_m['epochs']} epochs; patients per split: {cls_m['patients']}. "
+        "F1 and accuracy are taken at the operating threshold: probability 0.5 per class "
+        "(multi-label, binary) or the highest-scoring class (multi-class); AUROC and AP over all thresholds.",
+        "",
+    ]
+    lines += ["| metric | val | test |", "|---|---|---|"]
+    for key in ("auroc", "ap", "f1", "acc", "loss"):
+        lines.append(
+            f"| {key} | {_fmt(cls_m['val'].get(f'val/{key}'))} | {_fmt(cls_m['test'].get(f'test/{key}'))} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _pseudo_section(
+    run: RunDir, manifest: dict[str, Any], quality: dict[str, Any] | None, stale: dict[str, str]
+) -> list[str]:
+    cam = manifest["cam"]
+    pol = manifest["policy"]
+    lines = [
+        "## Stage 2: pseudo-masks",
+        "",
+        *_stale_note(stale, "pseudo"),
+        f"{len(manifest['samples'])} samples ({manifest['dataset']['split']} split); CAM `{cam['method']}` at `{cam.get('target_layer', 'each member layer')}`, "
+        f"scales {cam['scales']}, flip {cam['flip']}; fg_threshold {pol['fg_threshold']}, bg_threshold {pol['bg_threshold']}, "
+        f"CRF {'on' if pol['crf'] else 'off'}. Classifier sha256 `{manifest['classifier']['sha256'][:16]}…`.",
+        "",
+    ]
+    lines += calibration_lines(run, manifest.get("calibration"))
+    lines += shortcut_lines(manifest)  # the audit's flag, beside the masks' quality
+    if quality and "sweep" in quality:
+        sw = quality["sweep"]
+        lines += [
+            "| pseudo-masks vs ground truth | Dice | IoU | precision | recall |",
+            "|---|---|---|---|---|",
+            f"| at fg_threshold={quality['fg_threshold']} (ignore = not foreground) | {_fmt(quality['dice'])} "
+            f"| {_fmt(quality['iou'])} | {_fmt(quality.get('precision'))} | {_fmt(quality.get('recall'))} |",
+            f"| best threshold of the sweep ({sw['best_threshold']}; "
+            f"{sw.get('map', 'CRF posterior' if pol['crf'] else 'CAM')}) | {_fmt(sw['best_dice'])} | – | – | – |",
+            "",
+            f"Mean ignore fraction {_fmt(quality['ignore_fraction'])}; {quality['samples_with_gt']} samples with ground truth.",
+            "",
+            "![threshold sweep](pseudo/threshold_sweep.png)",
+            "",
+        ]
+    if quality and "coverage" in quality:
+        lines += _coverage_lines(quality["coverage"])
+    return lines
+
+
+def _seg_section(
+    run: RunDir,
+    seg_m: dict[str, Any],
+    quality: dict[str, Any] | None,
+    manifest: dict[str, Any] | None,
+    stale: dict[str, str],
+) -> list[str]:
+    test = seg_m.get("test", {})
+    lines = [
+        "## Stage 3: segmenter",
+        "",
+        *_stale_note(stale, "seg"),
+        f"`{seg_m.get('arch')}` / `{seg_m.get('encoder')}`, monitor `{seg_m.get('monitor')}`, {seg_m.get('epochs')} epochs.",
+        "",
+    ]
+    lines += [
+        "| test patients vs ground truth | Dice | IoU | sensitivity | precision |",
+        "|---|---|---|---|---|",
+    ]
+    lines.append(
+        f"| segmenter | {_fmt(test.get('test/dice'))} | {_fmt(test.get('test/iou'))} | {_fmt(test.get('test/sensitivity'))} | {_fmt(test.get('test/precision'))} |"
+    )
+    if "test/dice_patient_mean" in test:
+        lines.append("")
+        lines.append(
+            f"Per patient Dice: {_fmt(test['test/dice_patient_mean'])} ± {_fmt(test.get('test/dice_patient_std'))}."
+        )
+    lines += _rounds_lines(seg_m)
+    if quality and "dice" in quality:
+        lines += [
+            "",
+            "Pseudo-masks alone vs segmenter (Dice vs ground truth):",
+            "",
+            "| | Dice |",
+            "|---|---|",
+        ]
+        lines.append(
+            f"| pseudo-masks (training patients, fg_threshold) | {_fmt(quality['dice'])} |"
+        )
+        if "train_pseudo_vs_seg" in seg_m:
+            lines.append(
+                f"| segmenter on the same training images | {_fmt(seg_m['train_pseudo_vs_seg'].get('dice'))} |"
+            )
+        lines.append(f"| segmenter (test patients) | {_fmt(test.get('test/dice'))} |")
+    lines += case_lines(run, manifest)
+    if (run.seg / "figure_grid.png").is_file():
+        lines += [
+            "",
+            "Image / CAM / pseudo-mask / segmenter prediction / ground truth (yellow), "
+            "training patients:",
+            "",
+            "![grid](seg/figure_grid.png)",
+        ]
+    lines.append("")
+    return lines
+
+
+def _rounds_lines(seg_m: dict[str, Any]) -> list[str]:
+    """The self-training rounds (seg.rounds), and a note when an earlier round was better."""
+    if not seg_m.get("rounds"):
+        return []
+    monitor = seg_m.get("monitor")
+    lines = ["", f"| self-training round | {monitor} | test/dice |", "|---|---|---|"]
+    for r in seg_m["rounds"]:
+        lines.append(f"| {r['round']} | {_fmt(r.get(monitor))} | {_fmt(r.get('test/dice'))} |")
+    best = seg_m.get("best_round_by_val")
+    if best is not None and best != seg_m.get("round"):
+        lines += [
+            "",
+            f"Self-training did not help on validation: round {best} is best "
+            f"(its model: `seg/round{best}/checkpoints/best.ckpt`; `seg.rounds={best}` keeps it).",
+        ]
+    return lines
+
+
+def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Path | None:
+    """Write ``run/report.md`` from the artifacts present; also keep ``timings.json`` up to date."""
+    if not run.root.is_dir():
+        return None
+    all_timings = _update_timings(run, timings)
     cls_m = _load(run.cls / "metrics.json")
     quality = _load(run.pseudo / "quality.json")
     manifest = _load(run.manifest)
@@ -114,125 +266,18 @@ def write_report(cfg: DictConfig, run: RunDir, timings: dict[str, float]) -> Pat
     if cfg.get("smoke_test"):
         lines += [SMOKE_BANNER, ""]
         log.warning(SMOKE_BANNER.replace("**", ""))
-    lines += ["| stage | status | wall time (s) |", "|---|---|---|"]
     stale = _stale(run, manifest is not None, seg_m is not None)
-    audited = (run.stage("audit") / "audit.json").is_file()
-    for stage, done in (("cls", cls_m), ("audit", audited), ("pseudo", manifest), ("seg", seg_m)):
-        t = all_timings.get(stage)
-        wall = "–" if t is None else f"{float(t):.1f}"
-        status = "not run" if not done else f"stale: {stale[stage]}" if stage in stale else "done"
-        lines.append(f"| {stage} | {status} | {wall} |")
-    lines.append("")
+    done = {"cls": cls_m, "pseudo": manifest, "seg": seg_m}
+    lines += _status_table(run, all_timings, stale, done)
     lines += _warning_lines(cfg, quality, manifest, seg_m)
     if cls_m:
-        lines += [
-            "## Stage 1: classifier",
-            "",
-            f"Best checkpoint by `{cls_m['monitor']}` after {cls_m['epochs']} epochs; patients per split: {cls_m['patients']}. "
-            "F1 and accuracy are taken at the operating threshold: probability 0.5 per class "
-            "(multi-label, binary) or the highest-scoring class (multi-class); AUROC and AP over all thresholds.",
-            "",
-        ]
-        lines += ["| metric | val | test |", "|---|---|---|"]
-        for key in ("auroc", "ap", "f1", "acc", "loss"):
-            lines.append(
-                f"| {key} | {_fmt(cls_m['val'].get(f'val/{key}'))} | {_fmt(cls_m['test'].get(f'test/{key}'))} |"
-            )
-        lines.append("")
+        lines += _cls_section(cls_m)
     lines += audit_section(run)  # where the classifier looks, before the masks built from it
     if manifest:
-        cam = manifest["cam"]
-        pol = manifest["policy"]
-        lines += [
-            "## Stage 2: pseudo-masks",
-            "",
-            *_stale_note(stale, "pseudo"),
-            f"{len(manifest['samples'])} samples ({manifest['dataset']['split']} split); CAM `{cam['method']}` at `{cam.get('target_layer', 'each member layer')}`, "
-            f"scales {cam['scales']}, flip {cam['flip']}; fg_threshold {pol['fg_threshold']}, bg_threshold {pol['bg_threshold']}, "
-            f"CRF {'on' if pol['crf'] else 'off'}. Classifier sha256 `{manifest['classifier']['sha256'][:16]}…`.",
-            "",
-        ]
-        lines += calibration_lines(run, manifest.get("calibration"))
-        lines += shortcut_lines(manifest)  # the audit's flag, beside the masks' quality
-        if quality and "sweep" in quality:
-            sw = quality["sweep"]
-            lines += [
-                "| pseudo-masks vs ground truth | Dice | IoU | precision | recall |",
-                "|---|---|---|---|---|",
-                f"| at fg_threshold={quality['fg_threshold']} (ignore = not foreground) | {_fmt(quality['dice'])} "
-                f"| {_fmt(quality['iou'])} | {_fmt(quality.get('precision'))} | {_fmt(quality.get('recall'))} |",
-                f"| best threshold of the sweep ({sw['best_threshold']}; "
-                f"{sw.get('map', 'CRF posterior' if pol['crf'] else 'CAM')}) | {_fmt(sw['best_dice'])} | – | – | – |",
-                "",
-                f"Mean ignore fraction {_fmt(quality['ignore_fraction'])}; {quality['samples_with_gt']} samples with ground truth.",
-                "",
-                "![threshold sweep](pseudo/threshold_sweep.png)",
-                "",
-            ]
-        if quality and "coverage" in quality:
-            lines += _coverage_lines(quality["coverage"])
+        lines += _pseudo_section(run, manifest, quality, stale)
     if seg_m:
-        test = seg_m.get("test", {})
-        lines += [
-            "## Stage 3: segmenter",
-            "",
-            *_stale_note(stale, "seg"),
-            f"`{seg_m.get('arch')}` / `{seg_m.get('encoder')}`, monitor `{seg_m.get('monitor')}`, {seg_m.get('epochs')} epochs.",
-            "",
-        ]
-        lines += [
-            "| test patients vs ground truth | Dice | IoU | sensitivity | precision |",
-            "|---|---|---|---|---|",
-        ]
-        lines.append(
-            f"| segmenter | {_fmt(test.get('test/dice'))} | {_fmt(test.get('test/iou'))} | {_fmt(test.get('test/sensitivity'))} | {_fmt(test.get('test/precision'))} |"
-        )
-        if "test/dice_patient_mean" in test:
-            lines.append("")
-            lines.append(
-                f"Per patient Dice: {_fmt(test['test/dice_patient_mean'])} ± {_fmt(test.get('test/dice_patient_std'))}."
-            )
-        if seg_m.get("rounds"):
-            monitor = seg_m.get("monitor")
-            lines += ["", f"| self-training round | {monitor} | test/dice |", "|---|---|---|"]
-            for r in seg_m["rounds"]:
-                lines.append(
-                    f"| {r['round']} | {_fmt(r.get(monitor))} | {_fmt(r.get('test/dice'))} |"
-                )
-            best = seg_m.get("best_round_by_val")
-            if best is not None and best != seg_m.get("round"):
-                lines += [
-                    "",
-                    f"Self-training did not help on validation: round {best} is best "
-                    f"(its model: `seg/round{best}/checkpoints/best.ckpt`; `seg.rounds={best}` keeps it).",
-                ]
-        if quality and "dice" in quality:
-            lines += [
-                "",
-                "Pseudo-masks alone vs segmenter (Dice vs ground truth):",
-                "",
-                "| | Dice |",
-                "|---|---|",
-            ]
-            lines.append(
-                f"| pseudo-masks (training patients, fg_threshold) | {_fmt(quality['dice'])} |"
-            )
-            if "train_pseudo_vs_seg" in seg_m:
-                lines.append(
-                    f"| segmenter on the same training images | {_fmt(seg_m['train_pseudo_vs_seg'].get('dice'))} |"
-                )
-            lines.append(f"| segmenter (test patients) | {_fmt(test.get('test/dice'))} |")
-        lines += case_lines(run, manifest)
-        if (run.seg / "figure_grid.png").is_file():
-            lines += [
-                "",
-                "Image / CAM / pseudo-mask / segmenter prediction / ground truth (yellow), "
-                "training patients:",
-                "",
-                "![grid](seg/figure_grid.png)",
-            ]
-        lines.append("")
-    lines += _config_section(run, {"cls": cls_m, "pseudo": manifest, "seg": seg_m})
+        lines += _seg_section(run, seg_m, quality, manifest, stale)
+    lines += _config_section(run, done)
     write_text_atomic(run.report, "\n".join(lines))
     return run.report
 

@@ -92,6 +92,59 @@ class AuditPredictModule(L.LightningModule):
             return probs >= 0.5
         return F.one_hot(probs.argmax(dim=1), probs.shape[1]).bool()
 
+    def _body(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,H,W) bool: the body, from the images with the input normalisation undone."""
+        s = self.s
+        mean = torch.tensor(s.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(s.std, device=images.device).view(1, -1, 1, 1)
+        return M.body_mask((images * std + mean).mean(dim=1), s.body_threshold, s.body_opening)
+
+    def _measures(
+        self,
+        images: torch.Tensor,
+        maps: torch.Tensor,
+        gt: torch.Tensor,
+        body: torch.Tensor,
+        pairs: tuple[torch.Tensor, torch.Tensor],
+        probs: torch.Tensor,
+        baseline: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """One method's per-map measures, on the device; ``body``, ``gt`` and ``maps`` are
+        per (image, class) pair, ``pairs`` their image and class indices."""
+        s = self.s
+        b, k = pairs
+        measures: dict[str, torch.Tensor] = {
+            "energy_pointing": M.energy_pointing(maps, gt),
+            "pointing_game": M.pointing_game(maps, gt, s.tolerance),
+            "out_of_body": M.out_of_body_share(maps, body),
+            "out_of_body_area": (~body).flatten(1).float().mean(dim=1),
+            "peak_corner": M.peak_corner(maps, s.corner_band).float(),
+        }
+        if s.faithfulness:
+            assert baseline is not None
+            curves = deletion_insertion(
+                self.scorer,
+                images[b],
+                maps,
+                k,
+                self.score,
+                s.steps,
+                baseline[b],
+                s.batch_size,
+                before=probs[b, k],
+            )
+            change = confidence_change(
+                self.scorer, images[b], maps, k, self.score, s.batch_size, probs[b, k]
+            )
+            measures |= {
+                "deletion_auc": curves.deletion_auc,
+                "insertion_auc": curves.insertion_auc,
+                "confidence_drop": change.drop,
+                "average_drop": change.average_drop,
+                "increase": change.increase,
+            }
+        return measures
+
     def predict_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, Any]:
@@ -99,9 +152,7 @@ class AuditPredictModule(L.LightningModule):
         s = self.s
         with torch.no_grad():
             probs = self.score(self.scorer(images).float())
-        mean = torch.tensor(s.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(s.std, device=images.device).view(1, -1, 1, 1)
-        body = M.body_mask((images * std + mean).mean(dim=1), s.body_threshold, s.body_opening)
+        body = self._body(images)
         predicted = self._predicted(probs)
         pairs = (labels > 0.5).nonzero()
         b, k = pairs[:, 0], pairs[:, 1]
@@ -112,18 +163,7 @@ class AuditPredictModule(L.LightningModule):
         borders = M.border_regions(h, w, s.border_band, images.device)
         corners = M.corner_regions(h, w, s.corner_band, images.device)
         baseline = baseline_images(images, s.baseline) if s.faithfulness else None
-        rows: list[dict[str, Any]] = [
-            {
-                "id": batch["id"][int(i)],
-                "group": batch["group"][int(i)],
-                "class": int(c),
-                "score": float(probs[i, c]),
-                "predicted": bool(predicted[i, c]),
-                "has_mask": bool(batch["has_mask"][int(i)]),
-                "methods": {},
-            }
-            for i, c in pairs.tolist()
-        ]
+        rows = _rows(batch, pairs, probs, predicted)
         focus: dict[str, torch.Tensor] = {}
         map_sum: dict[str, torch.Tensor] = {}
         pos = (labels > 0.5).float()
@@ -143,44 +183,42 @@ class AuditPredictModule(L.LightningModule):
             map_sum[name] = maps.double().sum(dim=0).cpu()
             if not len(pairs):
                 continue
-            measures: dict[str, torch.Tensor] = {
-                "energy_pointing": M.energy_pointing(maps, gt),
-                "pointing_game": M.pointing_game(maps, gt, s.tolerance),
-                "out_of_body": M.out_of_body_share(maps, body[b]),
-                "out_of_body_area": (~body[b]).flatten(1).float().mean(dim=1),
-                "peak_corner": M.peak_corner(maps, s.corner_band).float(),
-            }
-            border_share = M.region_shares(maps, borders)
-            corner_share = M.region_shares(maps, corners)
-            if s.faithfulness:
-                assert baseline is not None
-                curves = deletion_insertion(
-                    self.scorer,
-                    images[b],
-                    maps,
-                    k,
-                    self.score,
-                    s.steps,
-                    baseline[b],
-                    s.batch_size,
-                    before=probs[b, k],
-                )
-                change = confidence_change(
-                    self.scorer, images[b], maps, k, self.score, s.batch_size, probs[b, k]
-                )
-                measures |= {
-                    "deletion_auc": curves.deletion_auc,
-                    "insertion_auc": curves.insertion_auc,
-                    "confidence_drop": change.drop,
-                    "average_drop": change.average_drop,
-                    "increase": change.increase,
-                }
-            values = {key: v.cpu().tolist() for key, v in measures.items()}
-            borders_l, corners_l = border_share.cpu().tolist(), corner_share.cpu().tolist()
-            for j, row in enumerate(rows):
-                m = {key: v[j] for key, v in values.items()}
-                m["peak_corner"] = int(m["peak_corner"])
-                m["border_share"] = dict(zip(M.BORDERS, borders_l[j], strict=True))
-                m["corner_share"] = dict(zip(M.CORNERS, corners_l[j], strict=True))
-                row["methods"][name] = m
+            measures = self._measures(images, maps, gt, body[b], (b, k), probs, baseline)
+            shares = (M.region_shares(maps, borders), M.region_shares(maps, corners))
+            _add_to_rows(rows, name, measures, shares)
         return {"rows": rows, "focus": focus, "counts": counts, "map_sum": map_sum}
+
+
+def _rows(
+    batch: dict[str, Any], pairs: torch.Tensor, probs: torch.Tensor, predicted: torch.Tensor
+) -> list[dict[str, Any]]:
+    """One row per (image, class) pair, its ``methods`` still empty."""
+    return [
+        {
+            "id": batch["id"][int(i)],
+            "group": batch["group"][int(i)],
+            "class": int(c),
+            "score": float(probs[i, c]),
+            "predicted": bool(predicted[i, c]),
+            "has_mask": bool(batch["has_mask"][int(i)]),
+            "methods": {},
+        }
+        for i, c in pairs.tolist()
+    ]
+
+
+def _add_to_rows(
+    rows: list[dict[str, Any]],
+    name: str,
+    measures: dict[str, torch.Tensor],
+    shares: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Method ``name``'s measures and (border, corner) ``shares`` into each row, as numbers."""
+    values = {key: v.cpu().tolist() for key, v in measures.items()}
+    borders_l, corners_l = shares[0].cpu().tolist(), shares[1].cpu().tolist()
+    for j, row in enumerate(rows):
+        m = {key: v[j] for key, v in values.items()}
+        m["peak_corner"] = int(m["peak_corner"])
+        m["border_share"] = dict(zip(M.BORDERS, borders_l[j], strict=True))
+        m["corner_share"] = dict(zip(M.CORNERS, corners_l[j], strict=True))
+        row["methods"][name] = m

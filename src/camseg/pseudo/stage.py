@@ -18,14 +18,9 @@ from camseg.cls.checkpoint import check_compatible, load_classifier
 from camseg.constants import IGNORE_INDEX, MANIFEST_SCHEMA_VERSION
 from camseg.errors import CamsegError, ConfigError
 from camseg.pseudo.audit_check import check_audit
-from camseg.pseudo.calibrate import calibrate_if_asked
-from camseg.pseudo.coverage import (
-    check_min_coverage,
-    coverage_stats,
-    stop_if_uncovered_run,
-    summary_lines,
-)
-from camseg.pseudo.quality import compute_quality, swept_map, write_quality
+from camseg.pseudo.calibrate import Calibration, calibrate_if_asked
+from camseg.pseudo.coverage import check_min_coverage, stop_if_uncovered_run
+from camseg.pseudo.merge import finalize
 from camseg.pseudo.refine import refine_mode, refine_pseudo
 from camseg.pseudo.writer import CamPredictModule, PseudoLabelWriter, SampleInfo, lacking_files
 from camseg.rundir import RunDir
@@ -138,12 +133,8 @@ def choose_overlays(ids_labels: list[tuple[str, tuple[int, ...]]], n: int) -> se
     return set(spread(pos, n_pos)) | set(spread(neg, n_neg))
 
 
-def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
-    """Write ``run/pseudo``: masks, CAMs, overlays, manifest.json and quality.json."""
-    run.require(run.cls_best, "cls")
-    out = run.pseudo
-    dm = build_datamodule(cfg)
-    dm.setup("predict")
+def _load_model(run: RunDir, dm: Any) -> tuple[Any, bool]:
+    """The stage-1 classifier, checked against the data, and whether it is multilabel."""
     check_compatible(run.cls_best, dm.classes, fix="re-run stage cls with force=true to rewrite it")
     model, hp = load_classifier(run.cls_best)
     multilabel = bool(hp.get("multilabel", True))
@@ -151,30 +142,20 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         raise CamsegError(
             f"{run.cls_best}: classifier takes {hp['net_config']['in_channels']} channels but data.in_channels={dm.in_channels}"
         )
-    policy = build_policy(cfg, multilabel)
-    refine_mode(cfg)  # pseudo.refine is checked before any CAM is computed
-    # The audit's shortcut verdict on this classifier: warn (or stop) before any CAM.
-    shortcut = check_audit(
-        cfg,
-        run,
-        {
-            fingerprint.LABELS: sha256_file(Path(dm.root) / "labels.csv"),
-            fingerprint.CLS_CHECKPOINT: sha256_file(run.cls_best),
-        },
-    )
-    engine, cam_desc = build_engine(cfg, model, multilabel)
-    # -- pseudo.calibrate: the policy chosen on the validation patients (pseudo/calibrate.py) --
-    calibration = calibrate_if_asked(cfg, run, dm, model, engine, policy)
-    if calibration is not None:
-        policy = calibration.policy
-    provenance = _provenance(cfg, run, dm, cam_desc, policy)
-    if calibration is not None:
-        provenance["calibration"] = calibration.summary()
-    # -- end of calibration --
-    fp = fingerprint.compute("pseudo", cfg, _inputs(provenance))
+    return model, multilabel
 
+
+def _start_output(
+    run: RunDir,
+    provenance: dict[str, Any],
+    fp: fingerprint.Fingerprint,
+    calibration: Calibration | None,
+    force: bool,
+) -> None:
+    """Clear ``run/pseudo`` (force) or check that it may be resumed, then record the
+    calibration, provenance.json and the fingerprint."""
+    out = run.pseudo
     prov_path = out / "provenance.json"
-    force = bool(cfg.get("force", False))
     legacy = False
     # Under DDP every rank runs this; only rank 0 deletes, and with force no rank trusts what is
     # on disk, so all ranks agree on the samples to predict.
@@ -202,11 +183,11 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     if not legacy:
         fingerprint.write(out, fp)
 
-    all_samples = dm.samples(dm.predict_split)
-    overlay_ids = choose_overlays(
-        [(s.id, s.labels) for s in all_samples], int(cfg.pseudo.get("overlays", 0))
-    )
-    save_cams = bool(cfg.pseudo.get("save_cams", True))
+
+def _samples_todo(
+    out: Path, all_samples: list[Any], save_cams: bool, overlay_ids: set[str], force: bool
+) -> list[Any]:
+    """The samples still to predict: those with no row, or whose files are gone since."""
     rows_dir = out / "rows"
     done = {p.stem for p in rows_dir.glob("*.json")} if rows_dir.is_dir() and not force else set()
     # A row marks a sample done; one whose files are gone since is predicted again.
@@ -224,68 +205,131 @@ def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         len(all_samples) - len(todo),
         len(todo),
     )
+    return todo
+
+
+def _sample_infos(dm: Any, samples: list[Any]) -> dict[str, SampleInfo]:
+    """What the writer needs of each sample, by id: its image and mask files, its group."""
+    assert dm.index is not None
+    return {
+        s.id: SampleInfo(
+            s.id,
+            s.image,
+            dm.index.path(s.image),
+            dm.index.path(s.mask) if s.mask else None,
+            s.group,
+        )
+        for s in samples
+    }
+
+
+def _predict(
+    cfg: DictConfig,
+    out: Path,
+    dm: Any,
+    model: Any,
+    engine: CamMethod,
+    policy: PseudoMaskPolicy,
+    all_samples: list[Any],
+    todo: list[Any],
+    overlay_ids: set[str],
+    save_cams: bool,
+) -> Any:
+    """Write the masks, CAMs, overlays and rows of ``todo`` through ``Trainer.predict``;
+    returns the trainer, past a barrier."""
+    writer = PseudoLabelWriter(
+        out,
+        _sample_infos(dm, all_samples),
+        policy,
+        dm.num_classes,
+        save_cams,
+        overlay_ids,
+        list(cfg.pseudo.sweep_thresholds),
+        crf_workers=crf_workers(cfg.pseudo.get("crf_workers")),
+    )
+    todo_ids = {s.id for s in todo}
+    dataset = dm.dataset(dm.predict_split, train=False)
+    dataset.items = [it for it in dataset.items if it.id in todo_ids]
+    loader = dm._loader(
+        dataset,
+        shuffle=False,
+        batch_size=int(cfg.pseudo.get("batch_size") or dm.eval_batch_size),
+    )
+    module = CamPredictModule(
+        model,
+        engine,
+        policy,
+        channels_last=bool(cfg.model.get("channels_last", False)),
+        max_image_pixels=dm.max_image_pixels,
+    )
+    trainer = build_trainer(
+        cfg,
+        out,
+        callbacks=False,
+        loggers=False,
+        inference_mode=not engine.needs_gradients,
+        max_epochs=None,
+    )
+    trainer.callbacks.append(writer)  # type: ignore[attr-defined]
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    trainer.strategy.barrier()
+    return trainer
+
+
+def run_pseudo(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Write ``run/pseudo``: masks, CAMs, overlays, manifest.json and quality.json."""
+    run.require(run.cls_best, "cls")
+    out = run.pseudo
+    dm = build_datamodule(cfg)
+    dm.setup("predict")
+    model, multilabel = _load_model(run, dm)
+    policy = build_policy(cfg, multilabel)
+    refine_mode(cfg)  # pseudo.refine is checked before any CAM is computed
+    # The audit's shortcut verdict on this classifier: warn (or stop) before any CAM.
+    shortcut = check_audit(
+        cfg,
+        run,
+        {
+            fingerprint.LABELS: sha256_file(Path(dm.root) / "labels.csv"),
+            fingerprint.CLS_CHECKPOINT: sha256_file(run.cls_best),
+        },
+    )
+    engine, cam_desc = build_engine(cfg, model, multilabel)
+    # -- pseudo.calibrate: the policy chosen on the validation patients (pseudo/calibrate.py) --
+    calibration = calibrate_if_asked(cfg, run, dm, model, engine, policy)
+    if calibration is not None:
+        policy = calibration.policy
+    provenance = _provenance(cfg, run, dm, cam_desc, policy)
+    if calibration is not None:
+        provenance["calibration"] = calibration.summary()
+    # -- end of calibration --
+    fp = fingerprint.compute("pseudo", cfg, _inputs(provenance))
+    force = bool(cfg.get("force", False))
+    _start_output(run, provenance, fp, calibration, force)
+
+    all_samples = dm.samples(dm.predict_split)
+    ids = [s.id for s in all_samples]
+    overlay_ids = choose_overlays(
+        [(s.id, s.labels) for s in all_samples], int(cfg.pseudo.get("overlays", 0))
+    )
+    save_cams = bool(cfg.pseudo.get("save_cams", True))
+    todo = _samples_todo(out, all_samples, save_cams, overlay_ids, force)
     if todo:
-        assert dm.index is not None
-        infos = {
-            s.id: SampleInfo(
-                s.id,
-                s.image,
-                dm.index.path(s.image),
-                dm.index.path(s.mask) if s.mask else None,
-                s.group,
-            )
-            for s in all_samples
-        }
-        writer = PseudoLabelWriter(
-            out,
-            infos,
-            policy,
-            dm.num_classes,
-            save_cams,
-            overlay_ids,
-            list(cfg.pseudo.sweep_thresholds),
-            crf_workers=crf_workers(cfg.pseudo.get("crf_workers")),
+        trainer = _predict(
+            cfg, out, dm, model, engine, policy, all_samples, todo, overlay_ids, save_cams
         )
-        todo_ids = {s.id for s in todo}
-        dataset = dm.dataset(dm.predict_split, train=False)
-        dataset.items = [it for it in dataset.items if it.id in todo_ids]
-        loader = dm._loader(
-            dataset,
-            shuffle=False,
-            batch_size=int(cfg.pseudo.get("batch_size") or dm.eval_batch_size),
-        )
-        module = CamPredictModule(
-            model,
-            engine,
-            policy,
-            channels_last=bool(cfg.model.get("channels_last", False)),
-            max_image_pixels=dm.max_image_pixels,
-        )
-        trainer = build_trainer(
-            cfg,
-            out,
-            callbacks=False,
-            loggers=False,
-            inference_mode=not engine.needs_gradients,
-            max_epochs=None,
-        )
-        trainer.callbacks.append(writer)  # type: ignore[attr-defined]
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
-        trainer.strategy.barrier()
         # Affinity refinement (camseg.refine) rewrites masks and rows before they are merged.
         provenance = refine_pseudo(cfg, run, dm, policy, provenance)
         result = {}
         if trainer.is_global_zero:
-            result = finalize(
-                cfg, run, provenance, [s.id for s in all_samples], dm.classes, shortcut
-            )
+            result = finalize(cfg, run, provenance, ids, dm.classes, shortcut)
         # The other ranks go on to stage 3 only once rank 0 has written the manifest.
         trainer.strategy.barrier()
         stop_if_uncovered_run(cfg, run, provenance)
         return result
     # Nothing left to predict: merging is idempotent and atomic, every rank may do it.
     provenance = refine_pseudo(cfg, run, dm, policy, provenance)
-    result = finalize(cfg, run, provenance, [s.id for s in all_samples], dm.classes, shortcut)
+    result = finalize(cfg, run, provenance, ids, dm.classes, shortcut)
     stop_if_uncovered_run(cfg, run, provenance)
     return result
 
@@ -299,66 +343,3 @@ def crf_workers(value: Any) -> int | None:
             f"pseudo.crf_workers={value!r}: must be null (all cores) or an int >= 0 (0/1: in-process)"
         )
     return value
-
-
-def finalize(
-    cfg: DictConfig,
-    run: RunDir,
-    provenance: dict[str, Any],
-    ids: list[str],
-    classes: list[str],
-    shortcut: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Merge the per-sample rows into manifest.json (sorted by id) and write quality.json;
-    ``shortcut``: the audit's flagged verdict (:mod:`camseg.pseudo.audit_check`), recorded."""
-    out = run.pseudo
-    rows = []
-    missing = []
-    for sid in sorted(ids):
-        p = out / "rows" / f"{sid}.json"
-        if not p.is_file():
-            missing.append(sid)
-            continue
-        rows.append(json.loads(p.read_text(encoding="utf-8")))
-    if missing:
-        raise CamsegError(
-            f"{out}: {len(missing)} samples have no pseudo-label (e.g. {missing[0]}); run stage pseudo again to finish"
-        )
-    manifest = dict(provenance)
-    manifest["samples"] = [{k: v for k, v in r.items() if k != "quality"} for r in rows]
-    fg_threshold = float(provenance["policy"]["fg_threshold"])  # calibrated or configured
-    quality = compute_quality(rows, classes, list(cfg.pseudo.sweep_thresholds), fg_threshold)
-    if quality and "sweep" in quality:  # what the swept thresholds were applied to
-        quality["sweep"]["map"] = swept_map(provenance["policy"])
-    coverage = coverage_stats(rows, classes, fg_threshold)
-    write_quality({**(quality or {}), "coverage": coverage}, out)
-    # Written last: a manifest on disk means the stage is complete.
-    manifest_sorted = {k: manifest[k] for k in provenance}
-    if shortcut is not None:
-        manifest_sorted["audit_shortcut"] = shortcut
-    manifest_sorted["samples"] = manifest["samples"]
-    write_json_atomic(run.manifest, manifest_sorted)
-    fg = float(np.mean([r["fg_fraction"] for r in rows])) if rows else 0.0
-    result: dict[str, Any] = {"stage": "pseudo", "samples": len(rows), "mean_fg_fraction": fg}
-    if shortcut is not None:
-        result["audit_shortcut"] = shortcut["causes"]
-    result["positive_coverage"] = {
-        c: v["positive_coverage"] for c, v in coverage["per_class"].items()
-    }
-    for line in summary_lines(coverage):
-        log.info("stage pseudo: %s", line)
-    if quality is not None:
-        result["quality"] = {
-            "pseudo/dice": quality["dice"],
-            "pseudo/iou": quality["iou"],
-            "pseudo/best_threshold": quality["sweep"]["best_threshold"],
-            "pseudo/best_dice": quality["sweep"]["best_dice"],
-        }
-        log.info(
-            "stage pseudo: Dice %.3f at fg_threshold=%.2f; best sweep Dice %.3f at %.2f",
-            quality["dice"],
-            quality["fg_threshold"],
-            quality["sweep"]["best_dice"],
-            quality["sweep"]["best_threshold"],
-        )
-    return result

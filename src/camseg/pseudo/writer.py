@@ -267,25 +267,8 @@ class PseudoLabelWriter(BasePredictionWriter):
         # What the classifier found before refinement, beside what the policy keeps (coverage).
         cam_support = self.policy.fg_support(torch.from_numpy(probs)[None])[0].tolist()
         if mask is None:
-            # CRF: refine on the CPU with the image (at the CAMs' size, see CamPredictModule);
-            # the sweep then runs on the posterior.
             assert image is not None
-            small = resize_area(image, *cams.shape[1:])
-            img_t = torch.from_numpy(small if small.ndim == 3 else small[..., None]).permute(
-                2, 0, 1
-            )[None]
-            lab_t = torch.from_numpy(labels)[None]
-            assert self.policy.crf is not None
-            probs_t = crf_refine(
-                torch.from_numpy(probs)[None],
-                present_mask(lab_t, 1),
-                img_t,
-                self.policy.crf,
-                self._crf_pool,
-            )
-            mask = self.policy.threshold(probs_t, lab_t)[0].numpy()
-            mask = resize_nearest(mask.astype(np.uint8), *image.shape[:2])
-            probs = probs_t[0].float().numpy()
+            mask, probs = self._crf_mask(image, probs, labels)
         mask = mask.astype(np.uint8)
         save_png_atomic(self.out / "masks" / f"{sid}.png", mask)
         if self.save_cams:
@@ -303,51 +286,88 @@ class PseudoLabelWriter(BasePredictionWriter):
         }
         gt = None
         if info.gt_path is not None:
-            gt = read_mask(info.gt_path)
-            if gt.shape != mask.shape:
-                raise ValueError(
-                    f"{info.gt_path}: mask size {gt.shape} differs from its image {mask.shape}"
-                )
-            row["quality"] = {
-                "counts": confusion_counts(
-                    torch.from_numpy(mask)[None], torch.from_numpy(gt)[None], self.num_classes
-                )[0].tolist(),
-                # at the CAMs' size (a large image's working size: see CamPredictModule)
-                "sweep": sweep_counts(
-                    probs,
-                    labels,
-                    resize_nearest(gt, *probs.shape[1:]),
-                    self.thresholds,
-                    self.policy.threshold_rule,
-                ),
-                "gt_fraction": _class_fractions(gt, self.num_classes),
-            }
+            gt, row["quality"] = self._quality(info.gt_path, mask, probs, labels)
         if sid in self.overlay_ids:
             assert image is not None
-            # Drawn at a bounded size: a large image's overlay is a picture to look at.
-            h, w = working_size(cams.shape[1], cams.shape[2], OVERLAY_MAX_PIXELS)
-            if (h, w) != cams.shape[1:]:
-                cams = np.stack(
-                    [
-                        cv2.resize(c.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
-                        for c in cams
-                    ]
-                )
-            cam_map = (
-                (cams.astype(np.float32) * labels[:, None, None]).max(axis=0)
-                if labels.any()
-                else np.zeros((h, w), np.float32)
-            )
-            save_png_atomic(
-                self.out / "overlays" / f"{sid}.png",
-                pseudo_overlay(
-                    resize_area(image, h, w),
-                    cam_map,
-                    resize_nearest(mask, h, w),
-                    None if gt is None else resize_nearest(gt, h, w),
-                ),
-            )
+            self._write_overlay(sid, image, cams, labels, mask, gt)
         write_json_atomic(self.out / "rows" / f"{sid}.json", row)
+
+    def _crf_mask(
+        self, image: np.ndarray, probs: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """CRF: refine on the CPU with the image (at the CAMs' size, see CamPredictModule);
+        the mask at the image's size, and the posterior, which the sweep then runs on."""
+        small = resize_area(image, *probs.shape[1:])
+        img_t = torch.from_numpy(small if small.ndim == 3 else small[..., None]).permute(2, 0, 1)[
+            None
+        ]
+        lab_t = torch.from_numpy(labels)[None]
+        assert self.policy.crf is not None
+        probs_t = crf_refine(
+            torch.from_numpy(probs)[None],
+            present_mask(lab_t, 1),
+            img_t,
+            self.policy.crf,
+            self._crf_pool,
+        )
+        mask = self.policy.threshold(probs_t, lab_t)[0].numpy()
+        mask = resize_nearest(mask.astype(np.uint8), *image.shape[:2])
+        return mask, probs_t[0].float().numpy()
+
+    def _quality(
+        self, gt_path: Path, mask: np.ndarray, probs: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The ground truth, and the row's ``quality``: the mask's and the sweep's counts."""
+        gt = read_mask(gt_path)
+        if gt.shape != mask.shape:
+            raise ValueError(f"{gt_path}: mask size {gt.shape} differs from its image {mask.shape}")
+        return gt, {
+            "counts": confusion_counts(
+                torch.from_numpy(mask)[None], torch.from_numpy(gt)[None], self.num_classes
+            )[0].tolist(),
+            # at the CAMs' size (a large image's working size: see CamPredictModule)
+            "sweep": sweep_counts(
+                probs,
+                labels,
+                resize_nearest(gt, *probs.shape[1:]),
+                self.thresholds,
+                self.policy.threshold_rule,
+            ),
+            "gt_fraction": _class_fractions(gt, self.num_classes),
+        }
+
+    def _write_overlay(
+        self,
+        sid: str,
+        image: np.ndarray,
+        cams: np.ndarray,
+        labels: np.ndarray,
+        mask: np.ndarray,
+        gt: np.ndarray | None,
+    ) -> None:
+        # Drawn at a bounded size: a large image's overlay is a picture to look at.
+        h, w = working_size(cams.shape[1], cams.shape[2], OVERLAY_MAX_PIXELS)
+        if (h, w) != cams.shape[1:]:
+            cams = np.stack(
+                [
+                    cv2.resize(c.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+                    for c in cams
+                ]
+            )
+        cam_map = (
+            (cams.astype(np.float32) * labels[:, None, None]).max(axis=0)
+            if labels.any()
+            else np.zeros((h, w), np.float32)
+        )
+        save_png_atomic(
+            self.out / "overlays" / f"{sid}.png",
+            pseudo_overlay(
+                resize_area(image, h, w),
+                cam_map,
+                resize_nearest(mask, h, w),
+                None if gt is None else resize_nearest(gt, h, w),
+            ),
+        )
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flush()

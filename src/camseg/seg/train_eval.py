@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from camseg.constants import IGNORE_INDEX
-from camseg.data.datamodule import CamSegDataModule, Item, collate
+from camseg.data.datamodule import CamSegDataModule
+from camseg.data.dataset import Item, collate
 from camseg.pseudo.manifest import Manifest
 from camseg.seg.cases import spread_over_patients
 from camseg.seg.metrics import SegMetrics, group_ids

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from camseg.data.prepare.common import (
+    Conversion,
     Issue,
     add_converter_parser,
     check_first_n,
@@ -121,6 +122,78 @@ def sample_negatives(
     return np.sort(rng.choice(pool, size=n, replace=False))
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What :func:`convert_lidc` applies to every scan: its options, checked."""
+
+    consensus: float
+    min_readers: int
+    neg_ratio: float
+    seed: int
+    crop_mode: str
+    crop_margin: int
+    crop_size: int | None
+    wins: tuple[CtWindow, ...]
+
+    def params(self) -> dict[str, object]:
+        """The settings as the dataset's README records them."""
+        return dict(
+            consensus=self.consensus,
+            min_readers=self.min_readers,
+            neg_ratio=self.neg_ratio,
+            seed=self.seed,
+            crop=self.crop_mode,
+            crop_margin=self.crop_margin,
+            crop_size=self.crop_size,
+            windows=",".join(f"{w.center:g}/{w.width:g}" for w in self.wins),
+        )
+
+
+def _check_settings(
+    consensus: float,
+    min_readers: int,
+    neg_ratio: float,
+    seed: int,
+    crop_mode: str,
+    crop_margin: int,
+    crop_size: int | None,
+    windows: str | tuple[CtWindow, ...],
+) -> _Settings:
+    """The options checked in the order the CLI reports them, then the windows parsed."""
+    if not 0 < consensus <= 1:
+        raise ConfigError(f"--consensus is {consensus}; use a fraction in (0, 1], e.g. 0.5")
+    if (
+        min_readers < 1
+        or neg_ratio < 0
+        or crop_margin < 0
+        or (crop_size is not None and crop_size < 8)
+    ):
+        raise ConfigError(
+            f"lidc: need --min-readers >= 1, --neg-ratio >= 0, --crop-margin >= 0, --crop-size >= 8 "
+            f"(got {min_readers}, {neg_ratio}, {crop_margin}, {crop_size})"
+        )
+    if crop_mode not in ("none", "lungs"):
+        raise ConfigError(f"--crop is '{crop_mode}'; use 'none' or 'lungs'")
+    wins = windows if isinstance(windows, tuple) else parse_windows(windows)
+    return _Settings(
+        consensus, min_readers, neg_ratio, seed, crop_mode, crop_margin, crop_size, wins
+    )
+
+
+def _open_source(
+    src: Path, source: LidcSource | None, patients: int | None
+) -> tuple[LidcSource, int]:
+    """The scans' source (pylidc's by default) and how many of its scans to convert."""
+    if source is None:
+        source = PylidcSource(src)
+    total = len(source) if patients is None else min(len(source), patients)
+    if total == 0:
+        raise DatasetError(
+            f"{src}: no LIDC-IDRI scan found; point SRC at the folder holding LIDC-IDRI-NNNN folders"
+        )
+    return source, total
+
+
 def convert_lidc(
     src: str | Path,
     out: str | Path,
@@ -160,31 +233,12 @@ def convert_lidc(
         progress: show a progress bar and print a summary.
     """
     src = Path(src)
-    if not 0 < consensus <= 1:
-        raise ConfigError(f"--consensus is {consensus}; use a fraction in (0, 1], e.g. 0.5")
-    if (
-        min_readers < 1
-        or neg_ratio < 0
-        or crop_margin < 0
-        or (crop_size is not None and crop_size < 8)
-    ):
-        raise ConfigError(
-            f"lidc: need --min-readers >= 1, --neg-ratio >= 0, --crop-margin >= 0, --crop-size >= 8 "
-            f"(got {min_readers}, {neg_ratio}, {crop_margin}, {crop_size})"
-        )
-    if crop_mode not in ("none", "lungs"):
-        raise ConfigError(f"--crop is '{crop_mode}'; use 'none' or 'lungs'")
-    wins = windows if isinstance(windows, tuple) else parse_windows(windows)
+    settings = _check_settings(
+        consensus, min_readers, neg_ratio, seed, crop_mode, crop_margin, crop_size, windows
+    )
     out = check_out_dir(Path(out), src, overwrite)
     check_first_n(patients, "scans")
-    if source is None:
-        source = PylidcSource(src)
-    total = len(source) if patients is None else min(len(source), patients)
-    if total == 0:
-        raise DatasetError(
-            f"{src}: no LIDC-IDRI scan found; point SRC at the folder holding LIDC-IDRI-NNNN folders"
-        )
-
+    source, total = _open_source(src, source, patients)
     counts = {"ambiguous": 0, "nodules": 0, "dropped": 0}
     records = islice(source, total)
     with conversion(
@@ -192,60 +246,58 @@ def convert_lidc(
     ) as conv:
         for record in progress_of(records, total=total, desc="lidc", unit="scan", enabled=progress):
             conv.check_strict()  # stop at the first scan with a problem, not after hours
-            if record.dicom_dir is None:
-                conv.issues.append(
-                    Issue(
-                        "missing_series",
-                        record.scan_id,
-                        None,
-                        "",
-                        f"no DICOM files of series {record.series_uid} under {src / record.patient_id}; scan skipped",
-                    )
-                )
-                continue
-            series = read_dicom_series(record.dicom_dir, record.series_uid, record.scan_id)
-            conv.issues.extend(series.issues)
-            _check_expected_z(record, series, conv.issues)
-            scan = process_scan(record, series, consensus, min_readers, conv.issues)
-            counts["ambiguous"] += int(scan.ambiguous.sum())
-            counts["nodules"] += scan.n_nodules
-            counts["dropped"] += scan.n_dropped
-            pos = np.flatnonzero(scan.positive)
-            neg = sample_negatives(
-                ~scan.positive & ~scan.ambiguous, len(pos), neg_ratio, seed, record.scan_id
-            )
-            box = scan_box(
-                series.volume_hu, crop_mode, crop_margin, crop_size, record.scan_id, conv.issues
-            )
-            for k in sorted([*pos.tolist(), *neg.tolist()]):
-                hu, mask = series.volume_hu[k], scan.nodule[k]
-                if box is not None:
-                    hu, mask = crop(hu, box, AIR_HU), crop(mask, box, False)
-                name = f"{record.scan_id}_{k:03d}.png"
-                save_png_atomic(
-                    conv.stage / "images" / name, np.ascontiguousarray(apply_windows(hu, wins))
-                )
-                save_png_atomic(conv.stage / "masks" / name, mask.astype(np.uint8))
-                conv.rows.append(
-                    [f"images/{name}", f"masks/{name}", record.patient_id, k, int(scan.positive[k])]
-                )
-        params = dict(
-            consensus=consensus,
-            min_readers=min_readers,
-            neg_ratio=neg_ratio,
-            seed=seed,
-            crop=crop_mode,
-            crop_margin=crop_margin,
-            crop_size=crop_size,
-            windows=",".join(f"{w.center:g}/{w.width:g}" for w in wins),
-        )
+            _convert_scan(conv, record, src, settings, counts)
         conv.finish(
             header=["image", "mask", "group", "slice", "nodule"],
             classes=["nodule"],
-            readme=lambda: _readme(conv.rows, counts, params, conv.issues),
+            readme=lambda: _readme(conv.rows, counts, settings.params(), conv.issues),
             positives_fix="convert more scans, or lower --min-readers / --consensus",
         )
     return out
+
+
+def _convert_scan(
+    conv: Conversion, record: LidcScanRecord, src: Path, s: _Settings, counts: dict[str, int]
+) -> None:
+    """Write one scan's positive and sampled negative slices, and their rows; count its
+    nodules and ambiguous slices into ``counts``."""
+    if record.dicom_dir is None:
+        conv.issues.append(
+            Issue(
+                "missing_series",
+                record.scan_id,
+                None,
+                "",
+                f"no DICOM files of series {record.series_uid} under {src / record.patient_id}; scan skipped",
+            )
+        )
+        return
+    series = read_dicom_series(record.dicom_dir, record.series_uid, record.scan_id)
+    conv.issues.extend(series.issues)
+    _check_expected_z(record, series, conv.issues)
+    scan = process_scan(record, series, s.consensus, s.min_readers, conv.issues)
+    counts["ambiguous"] += int(scan.ambiguous.sum())
+    counts["nodules"] += scan.n_nodules
+    counts["dropped"] += scan.n_dropped
+    pos = np.flatnonzero(scan.positive)
+    neg = sample_negatives(
+        ~scan.positive & ~scan.ambiguous, len(pos), s.neg_ratio, s.seed, record.scan_id
+    )
+    box = scan_box(
+        series.volume_hu, s.crop_mode, s.crop_margin, s.crop_size, record.scan_id, conv.issues
+    )
+    for k in sorted([*pos.tolist(), *neg.tolist()]):
+        hu, mask = series.volume_hu[k], scan.nodule[k]
+        if box is not None:
+            hu, mask = crop(hu, box, AIR_HU), crop(mask, box, False)
+        name = f"{record.scan_id}_{k:03d}.png"
+        save_png_atomic(
+            conv.stage / "images" / name, np.ascontiguousarray(apply_windows(hu, s.wins))
+        )
+        save_png_atomic(conv.stage / "masks" / name, mask.astype(np.uint8))
+        conv.rows.append(
+            [f"images/{name}", f"masks/{name}", record.patient_id, k, int(scan.positive[k])]
+        )
 
 
 def _check_expected_z(record: LidcScanRecord, series: DicomSeries, issues: list[Issue]) -> None:
