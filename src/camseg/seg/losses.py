@@ -23,7 +23,7 @@ What was checked in segmentation-models-pytorch 0.6 and why some terms are our o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import segmentation_models_pytorch as smp
 import torch
@@ -181,6 +181,32 @@ class SegLoss(nn.Module):
         return torch.stack([self.weights[n] * v for n, v in parts.items()]).sum()
 
 
+# The terms of each loss, in the order they are summed.
+_LOSS_TERMS: dict[str, tuple[str, ...]] = {
+    "dice_ce": ("dice", "ce"),
+    "ce": ("ce",),
+    "dice": ("dice",),
+    "focal": ("focal",),
+    "focal_dice": ("focal", "dice"),
+    "lovasz": ("lovasz",),
+    "tversky": ("tversky",),
+}
+
+
+def _class_weight_tensor(
+    num_classes: int, class_weights: Sequence[float] | None
+) -> torch.Tensor | None:
+    """Check there are K+1 class weights and return them as float32 (None when not given)."""
+    if class_weights is None:
+        return None
+    if len(class_weights) != num_classes + 1:
+        raise ConfigError(
+            f"seg.loss.class_weights has {len(class_weights)} values; give {num_classes + 1} "
+            "(background first, then one per class)"
+        )
+    return torch.tensor([float(w) for w in class_weights], dtype=torch.float32)
+
+
 def build_loss(
     name: str = "dice_ce",
     *,
@@ -223,14 +249,7 @@ def build_loss(
         )
     if num_classes < 1:
         raise ConfigError(f"seg.loss.num_classes={num_classes}: need at least 1 foreground class")
-    weight = None
-    if class_weights is not None:
-        if len(class_weights) != num_classes + 1:
-            raise ConfigError(
-                f"seg.loss.class_weights has {len(class_weights)} values; give {num_classes + 1} "
-                "(background first, then one per class)"
-            )
-        weight = torch.tensor([float(w) for w in class_weights], dtype=torch.float32)
+    weight = _class_weight_tensor(num_classes, class_weights)
     dice_channels = None if dice_include_background else list(range(1, num_classes + 1))
     dice_kw = {
         "mode": "multiclass",
@@ -238,31 +257,15 @@ def build_loss(
         "ignore_index": ignore_index,
         "class_weights": class_weights if class_weights is None else list(class_weights),
     }
-
-    def dice() -> nn.Module:
-        return smp.losses.DiceLoss(**dice_kw)
-
-    def ce() -> nn.Module:
-        return _MaskedCE(ignore_index, weight)
-
-    def focal() -> nn.Module:
-        return SoftmaxFocalLoss(ignore_index, gamma=gamma, weight=weight)
-
-    terms: dict[str, nn.Module]
-    if name == "dice_ce":
-        terms, weights = {"dice": dice(), "ce": ce()}, {"dice": dice_weight, "ce": ce_weight}
-    elif name == "ce":
-        terms, weights = {"ce": ce()}, {"ce": ce_weight}
-    elif name == "dice":
-        terms, weights = {"dice": dice()}, {"dice": dice_weight}
-    elif name == "focal":
-        terms, weights = {"focal": focal()}, {"focal": focal_weight}
-    elif name == "focal_dice":
-        terms = {"focal": focal(), "dice": dice()}
-        weights = {"focal": focal_weight, "dice": dice_weight}
-    elif name == "lovasz":
-        terms, weights = {"lovasz": _SafeLovasz(ignore_index, per_image=lovasz_per_image)}, {}
-    else:
-        terms = {"tversky": smp.losses.TverskyLoss(alpha=alpha, beta=beta, **dice_kw)}
-        weights = {}
+    factories: dict[str, Callable[[], nn.Module]] = {
+        "dice": lambda: smp.losses.DiceLoss(**dice_kw),
+        "ce": lambda: _MaskedCE(ignore_index, weight),
+        "focal": lambda: SoftmaxFocalLoss(ignore_index, gamma=gamma, weight=weight),
+        "lovasz": lambda: _SafeLovasz(ignore_index, per_image=lovasz_per_image),
+        "tversky": lambda: smp.losses.TverskyLoss(alpha=alpha, beta=beta, **dice_kw),
+    }
+    # Lovasz and Tversky are single unweighted terms.
+    term_weights = {"dice": dice_weight, "ce": ce_weight, "focal": focal_weight}
+    terms = {term: factories[term]() for term in _LOSS_TERMS[name]}
+    weights = {term: term_weights[term] for term in terms if term in term_weights}
     return SegLoss(terms, weights, num_classes=num_classes)
