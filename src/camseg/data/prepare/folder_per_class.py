@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from camseg.data.prepare.common import (
+    Conversion,
     Issue,
     add_converter_parser,
     check_out_dir,
@@ -117,6 +118,31 @@ def convert_folder(
     )
     classes = _positive_classes(src, [p.name for p in folders], negative_classes)
     issues: list[Issue] = []
+    ids, with_masks = _scan_classes(src, folders, mask_suffix, issues)
+
+    with conversion("folder", out, strict=strict, progress=progress, issues=issues) as conv:
+        for sid, item in progress_of(
+            sorted(ids.items(), key=lambda kv: natural_key(kv[0])),
+            desc="folder",
+            unit="image",
+            enabled=progress,
+        ):
+            conv.rows.append(_convert_item(conv, sid, item, classes, with_masks, pattern))
+        conv.finish(
+            header=["image", *(["mask"] if with_masks else []), "group", *classes],
+            classes=classes,
+            readme=lambda: _readme(
+                src, classes, negative_classes, conv.rows, with_masks, conv.issues
+            ),
+            positives_fix="add images to that class folder or remove the folder",
+        )
+    return out
+
+
+def _scan_classes(
+    src: Path, folders: list[Path], mask_suffix: str | None, issues: list[Issue]
+) -> tuple[dict[str, Item], bool]:
+    """Scan every class folder: the items by unique image id, and whether there are masks."""
     items: list[Item] = []
     with_masks = mask_suffix is not None
     for folder in folders:
@@ -134,37 +160,30 @@ def convert_folder(
                 "image names must be unique across class folders: rename one"
             )
         ids[sid] = item
+    return ids, with_masks
 
-    with conversion("folder", out, strict=strict, progress=progress, issues=issues) as conv:
-        for sid, item in progress_of(
-            sorted(ids.items(), key=lambda kv: natural_key(kv[0])),
-            desc="folder",
-            unit="image",
-            enabled=progress,
-        ):
-            try:
-                image = read_image(item.image)
-            except Exception as e:  # PIL raises several types for damaged files
-                raise DatasetError(
-                    f"{item.image}: cannot read image ({e}); re-export or remove it"
-                ) from None
-            save_png_atomic(conv.stage / "images" / f"{sid}.png", image)
-            labels = [int(item.cls == c) for c in classes]
-            row: list[object] = [f"images/{sid}.png"]
-            if with_masks:
-                row.append(
-                    _write_mask(conv.stage, sid, item, image.shape[:2], classes, conv.issues)
-                )
-            conv.rows.append([*row, _group_of(item, pattern) or sid, *labels])
-        conv.finish(
-            header=["image", *(["mask"] if with_masks else []), "group", *classes],
-            classes=classes,
-            readme=lambda: _readme(
-                src, classes, negative_classes, conv.rows, with_masks, conv.issues
-            ),
-            positives_fix="add images to that class folder or remove the folder",
-        )
-    return out
+
+def _convert_item(
+    conv: Conversion,
+    sid: str,
+    item: Item,
+    classes: list[str],
+    with_masks: bool,
+    pattern: re.Pattern[str] | None,
+) -> list[object]:
+    """Write one image (and its mask) into the staging folder; return its labels.csv row."""
+    try:
+        image = read_image(item.image)
+    except Exception as e:  # PIL raises several types for damaged files
+        raise DatasetError(
+            f"{item.image}: cannot read image ({e}); re-export or remove it"
+        ) from None
+    save_png_atomic(conv.stage / "images" / f"{sid}.png", image)
+    labels = [int(item.cls == c) for c in classes]
+    row: list[object] = [f"images/{sid}.png"]
+    if with_masks:
+        row.append(_write_mask(conv.stage, sid, item, image.shape[:2], classes, conv.issues))
+    return [*row, _group_of(item, pattern) or sid, *labels]
 
 
 def _compile_group_regex(group_regex: str | None) -> re.Pattern[str] | None:
