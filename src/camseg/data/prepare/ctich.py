@@ -245,11 +245,8 @@ def convert_ct_ich(
     wins = parse_windows(windows or DEFAULT_WINDOWS) if not isinstance(windows, tuple) else windows
     csv_name = NIFTI_CSV if layout == "nifti" else JPG_CSV
     rows, issues = read_diagnosis_csv(root / csv_name)
-    volumes, where = (
-        (_nifti_files(root / "ct_scans"), "ct_scans")
-        if layout == "nifti"
-        else (patient_folders(root), "Patients_CT")
-    )
+    volumes = _nifti_files(root / "ct_scans") if layout == "nifti" else patient_folders(root)
+    where = "ct_scans" if layout == "nifti" else "Patients_CT"
     selected = _select_patients(root, rows, volumes, where, csv_name, issues)[:patients]
 
     classes = [s.lower() for s in SUBTYPES] if subtypes else ["hemorrhage"]
@@ -260,22 +257,7 @@ def convert_ct_ich(
             else iter_jpg_slices(root, rows, selected, volumes, conv.issues, progress)
         )
         for sl in slices:
-            check_mask(sl, conv.issues, csv_name)
-            name = f"{sl.patient:03d}_{sl.row.slice:03d}.png"
-            save_png_atomic(conv.stage / "images" / name, np.ascontiguousarray(sl.image))
-            mask = mask_for(sl, subtypes)
-            if mask is not None:
-                save_png_atomic(conv.stage / "masks" / name, np.ascontiguousarray(mask))
-            labels = list(sl.row.subtypes) if subtypes else [sl.row.hemorrhage]
-            conv.rows.append(
-                [
-                    f"images/{name}",
-                    f"masks/{name}" if mask is not None else "",
-                    f"{sl.patient:03d}",
-                    sl.row.slice,
-                    *labels,
-                ]
-            )
+            conv.rows.append(_write_slice(conv.stage, sl, subtypes, csv_name, conv.issues))
         conv.finish(
             header=["image", "mask", "group", "slice", *classes],
             classes=classes,
@@ -283,6 +265,21 @@ def convert_ct_ich(
             positives_fix="convert more patients (--patients) or drop --subtypes",
         )
     return out
+
+
+def _write_slice(
+    stage: Path, sl: CtIchSlice, subtypes: bool, csv_name: str, issues: list[Issue]
+) -> list[object]:
+    """Check one slice's mask, write its image (and mask) PNGs; return its labels.csv row."""
+    check_mask(sl, issues, csv_name)
+    name = f"{sl.patient:03d}_{sl.row.slice:03d}.png"
+    save_png_atomic(stage / "images" / name, np.ascontiguousarray(sl.image))
+    mask = mask_for(sl, subtypes)
+    if mask is not None:
+        save_png_atomic(stage / "masks" / name, np.ascontiguousarray(mask))
+    labels = list(sl.row.subtypes) if subtypes else [sl.row.hemorrhage]
+    mask_path = f"masks/{name}" if mask is not None else ""
+    return [f"images/{name}", mask_path, f"{sl.patient:03d}", sl.row.slice, *labels]
 
 
 def _select_patients(
