@@ -126,6 +126,45 @@ def _nifti_files(folder: Path) -> dict[int, Path]:
     return files
 
 
+def _load_mask(
+    mask_path: Path | None,
+    ct_img: nib.Nifti1Image,
+    ct: np.ndarray,
+    ct_path: Path,
+    pid: str,
+    issues: list[Issue],
+) -> np.ndarray | None:
+    """The patient's binary mask reoriented like the CT, or None (reported) when it has none."""
+    if mask_path is None:
+        issues.append(
+            Issue(
+                "missing_mask",
+                pid,
+                None,
+                f"masks/{ct_path.name}",
+                "no mask file for this CT volume; its slices are written without masks",
+            )
+        )
+        return None
+    m_img, m = _load_volume(mask_path)
+    if m.shape != ct.shape:
+        raise DatasetError(
+            f"{mask_path}: mask shape {m.shape} differs from CT {ct_path.name} shape {ct.shape}; "
+            "re-download the mask"
+        )
+    if not np.allclose(m_img.affine, ct_img.affine, atol=1e-3):
+        issues.append(
+            Issue(
+                "mask_affine_differs",
+                pid,
+                None,
+                mask_path.name,
+                "mask affine differs from the CT's; the mask is used voxel-aligned with the CT",
+            )
+        )
+    return _canonical(ct_img, (m > 0).astype(np.uint8), mask_path)[0]
+
+
 def _iter_nifti(
     root: Path,
     rows: dict[tuple[int, int], DiagnosisRow],
@@ -141,35 +180,7 @@ def _iter_nifti(
         ct_path = cts[patient]
         ct_img, ct = _load_volume(ct_path)
         ct_can, z_flipped = _canonical(ct_img, ct, ct_path)
-        mask_can = None
-        if patient in masks:
-            m_img, m = _load_volume(masks[patient])
-            if m.shape != ct.shape:
-                raise DatasetError(
-                    f"{masks[patient]}: mask shape {m.shape} differs from CT {ct_path.name} shape {ct.shape}; "
-                    "re-download the mask"
-                )
-            if not np.allclose(m_img.affine, ct_img.affine, atol=1e-3):
-                issues.append(
-                    Issue(
-                        "mask_affine_differs",
-                        pid,
-                        None,
-                        masks[patient].name,
-                        "mask affine differs from the CT's; the mask is used voxel-aligned with the CT",
-                    )
-                )
-            mask_can, _ = _canonical(ct_img, (m > 0).astype(np.uint8), masks[patient])
-        else:
-            issues.append(
-                Issue(
-                    "missing_mask",
-                    pid,
-                    None,
-                    f"masks/{ct_path.name}",
-                    "no mask file for this CT volume; its slices are written without masks",
-                )
-            )
+        mask_can = _load_mask(masks.get(patient), ct_img, ct, ct_path, pid, issues)
         n_slices = ct.shape[2]
         patient_rows = {s: r for (p, s), r in rows.items() if p == patient}
         for s in sorted(set(range(1, n_slices + 1)) - set(patient_rows)):
