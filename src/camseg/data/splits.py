@@ -54,15 +54,30 @@ def assign_splits(
         if splits:
             fixed[g] = next(iter(splits))
     free = sorted(g for g in groups if g not in fixed)
-
-    strata: dict[tuple[int, ...], list[str]] = defaultdict(list)
-    for g in free:
-        pattern = tuple(
-            int(any(s.labels[k] for s in groups[g])) for k in range(len(groups[g][0].labels))
-        )
-        strata[pattern].append(g)
     rng = np.random.default_rng(seed)
     assignment = dict(fixed)
+    _deal_strata(assignment, groups, free, val_fraction, test_fraction, rng)
+    _spread_positive_groups(
+        assignment, groups, free, {"val": val_fraction, "test": test_fraction}, rng
+    )
+    out: dict[str, list[Sample]] = {k: [] for k in SPLITS}
+    for s in samples:
+        out[assignment[s.group]].append(s)
+    return out
+
+
+def _deal_strata(
+    assignment: dict[str, str],
+    groups: dict[str, list[Sample]],
+    free: list[str],
+    val_fraction: float,
+    test_fraction: float,
+    rng: np.random.Generator,
+) -> None:
+    """Assign the ``free`` groups, shuffled within strata of positive-class patterns."""
+    strata: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for g in free:
+        strata[_positive_pattern(groups[g])].append(g)
     # Deal each stratum out with cumulative rounding so small datasets still get val/test groups.
     carry = {"val": 0.0, "test": 0.0}
     for pattern in sorted(strata):
@@ -78,13 +93,6 @@ def assign_splits(
         carry["val"], carry["test"] = want_val - n_val, want_test - n_test
         for i, g in enumerate(order):
             assignment[g] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
-    _spread_positive_groups(
-        assignment, groups, free, {"val": val_fraction, "test": test_fraction}, rng
-    )
-    out: dict[str, list[Sample]] = {k: [] for k in SPLITS}
-    for s in samples:
-        out[assignment[s.group]].append(s)
-    return out
 
 
 def _spread_positive_groups(
