@@ -141,6 +141,49 @@ def _fingerprint(cfg: DictConfig, run: RunDir, dm: Any) -> dict[str, Any]:
     return json.loads(json.dumps({"inputs": fp.inputs, "config": fp.config}))
 
 
+def _reuse_cached(
+    run: RunDir, fp: dict[str, Any], configured: PseudoMaskPolicy
+) -> Calibration | None:
+    """The calibration recorded in the run for the same fingerprint, if any."""
+    cached = run.pseudo / FILENAME
+    if cached.is_file():
+        record = read_json(cached)
+        if record.get("fingerprint") == fp and record.get("status") == "calibrated":
+            log.info("stage pseudo: reusing the calibration in %s", cached)
+            return Calibration(policy_from(record["chosen"], configured.multilabel), record)
+    return None
+
+
+def _not_calibrated(
+    mode: str, dm: Any, grid: Grid, fp: dict[str, Any], configured: PseudoMaskPolicy
+) -> Calibration:
+    """No validation masks: refuse under ``calibrate=true``, else the configured policy."""
+    reason = (
+        f"no validation image of a positive class has a ground-truth mask "
+        f"({len(dm.samples('val'))} validation images)"
+    )
+    if mode == "true":
+        raise CamsegError(
+            f"pseudo.calibrate=true: {reason}; add masks for a few validation patients, "
+            "or set pseudo.calibrate=auto (configured policy when there are none) or false"
+        )
+    log.warning("stage pseudo: NOT calibrated: %s; using the configured policy", reason)
+    record = {"status": "skipped", "reason": reason, "grid": grid.describe()}
+    return Calibration(configured, {**record, "fingerprint": fp})
+
+
+def _crf_available() -> bool:
+    """Whether pydensecrf2 imports (the search then includes the CRF); warns when not."""
+    try:
+        from camseg.cam.crf import import_densecrf
+
+        import_densecrf()
+    except MissingPackageError:
+        log.warning("stage pseudo: pydensecrf2 missing, calibration searches without the CRF")
+        return False
+    return True
+
+
 def calibrate_if_asked(
     cfg: DictConfig, run: RunDir, dm: Any, model: Any, engine: Any, configured: PseudoMaskPolicy
 ) -> Calibration | None:
@@ -157,34 +200,14 @@ def calibrate_if_asked(
     grid_node = OmegaConf.to_container(node, resolve=True) if node is not None else None
     grid = Grid.from_config(grid_node)  # type: ignore[arg-type]
     fp = _fingerprint(cfg, run, dm)
-    cached = run.pseudo / FILENAME
-    if cached.is_file() and not cfg.get("force", False):
-        record = read_json(cached)
-        if record.get("fingerprint") == fp and record.get("status") == "calibrated":
-            log.info("stage pseudo: reusing the calibration in %s", cached)
-            return Calibration(policy_from(record["chosen"], configured.multilabel), record)
+    if not cfg.get("force", False):
+        reused = _reuse_cached(run, fp, configured)
+        if reused is not None:
+            return reused
     val = collect_validation(cfg, dm, model, engine)
     if val is None:
-        reason = (
-            f"no validation image of a positive class has a ground-truth mask "
-            f"({len(dm.samples('val'))} validation images)"
-        )
-        if mode == "true":
-            raise CamsegError(
-                f"pseudo.calibrate=true: {reason}; add masks for a few validation patients, "
-                "or set pseudo.calibrate=auto (configured policy when there are none) or false"
-            )
-        log.warning("stage pseudo: NOT calibrated: %s; using the configured policy", reason)
-        record = {"status": "skipped", "reason": reason, "grid": grid.describe()}
-        return Calibration(configured, {**record, "fingerprint": fp})
-    with_crf = True
-    try:
-        from camseg.cam.crf import import_densecrf
-
-        import_densecrf()
-    except MissingPackageError:
-        with_crf = False
-        log.warning("stage pseudo: pydensecrf2 missing, calibration searches without the CRF")
+        return _not_calibrated(mode, dm, grid, fp, configured)
+    with_crf = _crf_available()
     log.info(
         "stage pseudo: calibrating on %d validation images (%d positive, %d patients), %d candidates",
         val.samples,
