@@ -42,22 +42,8 @@ class Manifest:
         return {s["id"]: self.root / s["mask"] for s in self.samples}
 
 
-def load_manifest(
-    path: Path,
-    checkpoint: Path | None = None,
-    dataset_root: Path | None = None,
-    classes: list[str] | None = None,
-    check_files: bool = True,
-) -> Manifest:
-    """Read and validate a manifest.
-
-    Args:
-        path: ``pseudo/manifest.json``.
-        checkpoint: the classifier checkpoint expected to have produced it (hash compared).
-        dataset_root: the dataset root expected (compared after resolving).
-        classes: the class names expected.
-        check_files: every listed mask file must exist.
-    """
+def _read_validated(path: Path) -> dict[str, Any]:
+    """Read the manifest JSON and check its fields, schema version and sample entries."""
     if not path.is_file():
         raise ManifestError(
             f"{path} not found: run stage 'pseudo' first (camseg stages=[pseudo] run_name=...)"
@@ -82,7 +68,13 @@ def load_manifest(
         lack = [f for f in SAMPLE_FIELDS if f not in s]
         if lack:
             raise ManifestError(f"{path}: samples[{i}] lacks {lack}")
-    m = Manifest(path, data)
+    return data
+
+
+def _check_sources(
+    path: Path, data: dict[str, Any], checkpoint: Path | None, dataset_root: Path | None
+) -> None:
+    """Refuse a manifest made from another classifier checkpoint or another dataset."""
     if checkpoint is not None:
         recorded = data["classifier"].get("sha256")
         if not checkpoint.is_file():
@@ -103,6 +95,27 @@ def load_manifest(
                 f"{path}: pseudo-labels are of dataset {data['dataset']['root']} (labels.csv sha256 {str(recorded)[:12]}…), "
                 f"not of data.root={dataset_root}; use the same data config or re-run stage pseudo"
             )
+
+
+def load_manifest(
+    path: Path,
+    checkpoint: Path | None = None,
+    dataset_root: Path | None = None,
+    classes: list[str] | None = None,
+    check_files: bool = True,
+) -> Manifest:
+    """Read and validate a manifest.
+
+    Args:
+        path: ``pseudo/manifest.json``.
+        checkpoint: the classifier checkpoint expected to have produced it (hash compared).
+        dataset_root: the dataset root expected (compared after resolving).
+        classes: the class names expected.
+        check_files: every listed mask file must exist.
+    """
+    data = _read_validated(path)
+    m = Manifest(path, data)
+    _check_sources(path, data, checkpoint, dataset_root)
     if classes is not None and m.classes != list(classes):
         raise ManifestError(
             f"{path}: classes {m.classes} differ from the dataset's {list(classes)}"
