@@ -42,75 +42,87 @@ class TorchvisionTrunk(EncoderTrunk):
         self, name: str, in_channels: int, output_stride: int, weights: str | None
     ) -> None:
         super().__init__()
-        import torchvision
-
-        kwargs: dict = {}
-        if output_stride != 32:
-            if name not in _TV_RESNETS:
-                raise ConfigError(
-                    f"model.net.output_stride={output_stride}: torchvision '{name}' cannot be dilated; "
-                    "use a ResNet, or source=timm / source=smp, or output_stride=32"
-                )
-            if name not in _TV_BASIC_BLOCK:
-                kwargs["replace_stride_with_dilation"] = [False, output_stride == 8, True]
-        try:
-            builder = torchvision.models.get_model_builder(name)
-        except ValueError:
-            raise ConfigError(
-                f"model.net.backbone='{name}': not a torchvision model; "
-                "see torchvision.models.list_models(), or use source=timm / source=smp"
-            ) from None
-        if weights is not None:
-            options = list(torchvision.models.get_model_weights(name).__members__)
-            weights = weights.rsplit(".", 1)[-1]  # "ResNet18_Weights.IMAGENET1K_V1" works too
-            if weights not in options:
-                raise ConfigError(
-                    f"model.net.pretrained='{weights}': torchvision '{name}' has no such weight set; "
-                    f"use one of {options}, true, false, or a local checkpoint path"
-                )
-        net = builder(weights=weights, **kwargs)
-        if output_stride != 32 and name in _TV_BASIC_BLOCK:
-            # BasicBlock cannot dilate: un-stride the last stage(s) instead (the usual WSSS trick).
-            stages = [net.layer4] if output_stride == 16 else [net.layer3, net.layer4]
-            for stage in stages:
-                stage[0].conv1.stride = (1, 1)
-                stage[0].downsample[0].stride = (1, 1)
-        if name.startswith(("resnet", "resnext", "wide_resnet")):
-            self.body = nn.Sequential(
-                net.conv1,
-                net.bn1,
-                net.relu,
-                net.maxpool,
-                net.layer1,
-                net.layer2,
-                net.layer3,
-                net.layer4,
-            )
-            first = "body.0"
-        elif name.startswith("densenet"):
-            # DenseNet's final norm is followed by a ReLU inside torchvision's forward.
-            self.body = nn.Sequential(net.features, nn.ReLU(inplace=False))
-            first = "body.0.conv0"
-        elif name.startswith(("efficientnet", "mobilenet", "convnext")):
-            self.body = net.features
-            first = "body.0.0"
-        elif name.startswith("vgg"):
-            self.body = net.features
-            first = "body.0"
-        elif name.startswith("regnet"):
-            self.body = nn.Sequential(net.stem, net.trunk_output)
-            first = "body.0.0"
-        else:
-            raise ConfigError(
-                f"model.net.backbone='{name}': torchvision family not supported; use resnet*, densenet*, "
-                "efficientnet*, convnext*, mobilenet*, regnet*, vgg*, or source=timm"
-            )
+        net = _torchvision_net(name, output_stride, weights)
+        self.body, first = _torchvision_body(name, net)
         if in_channels != 3:
             adapt_first_conv(self, first, in_channels)
         self.out_channels = probe_channels(self.body, in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+
+def _torchvision_net(name: str, output_stride: int, weights: str | None) -> nn.Module:
+    """Build torchvision's ``name`` (checked weight set), dilated or un-strided to ``output_stride``."""
+    import torchvision
+
+    kwargs: dict = {}
+    if output_stride != 32:
+        if name not in _TV_RESNETS:
+            raise ConfigError(
+                f"model.net.output_stride={output_stride}: torchvision '{name}' cannot be dilated; "
+                "use a ResNet, or source=timm / source=smp, or output_stride=32"
+            )
+        if name not in _TV_BASIC_BLOCK:
+            kwargs["replace_stride_with_dilation"] = [False, output_stride == 8, True]
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise ConfigError(
+            f"model.net.backbone='{name}': not a torchvision model; "
+            "see torchvision.models.list_models(), or use source=timm / source=smp"
+        ) from None
+    if weights is not None:
+        options = list(torchvision.models.get_model_weights(name).__members__)
+        weights = weights.rsplit(".", 1)[-1]  # "ResNet18_Weights.IMAGENET1K_V1" works too
+        if weights not in options:
+            raise ConfigError(
+                f"model.net.pretrained='{weights}': torchvision '{name}' has no such weight set; "
+                f"use one of {options}, true, false, or a local checkpoint path"
+            )
+    net = builder(weights=weights, **kwargs)
+    if output_stride != 32 and name in _TV_BASIC_BLOCK:
+        # BasicBlock cannot dilate: un-stride the last stage(s) instead (the usual WSSS trick).
+        stages = [net.layer4] if output_stride == 16 else [net.layer3, net.layer4]
+        for stage in stages:
+            stage[0].conv1.stride = (1, 1)
+            stage[0].downsample[0].stride = (1, 1)
+    return net
+
+
+def _torchvision_body(name: str, net: Any) -> tuple[nn.Module, str]:
+    """The network cut before its pooling and head, and the path of its first layer in the trunk."""
+    if name.startswith(("resnet", "resnext", "wide_resnet")):
+        body = nn.Sequential(
+            net.conv1,
+            net.bn1,
+            net.relu,
+            net.maxpool,
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+        )
+        first = "body.0"
+    elif name.startswith("densenet"):
+        # DenseNet's final norm is followed by a ReLU inside torchvision's forward.
+        body = nn.Sequential(net.features, nn.ReLU(inplace=False))
+        first = "body.0.conv0"
+    elif name.startswith(("efficientnet", "mobilenet", "convnext")):
+        body = net.features
+        first = "body.0.0"
+    elif name.startswith("vgg"):
+        body = net.features
+        first = "body.0"
+    elif name.startswith("regnet"):
+        body = nn.Sequential(net.stem, net.trunk_output)
+        first = "body.0.0"
+    else:
+        raise ConfigError(
+            f"model.net.backbone='{name}': torchvision family not supported; use resnet*, densenet*, "
+            "efficientnet*, convnext*, mobilenet*, regnet*, vgg*, or source=timm"
+        )
+    return body, first
 
 
 def probe_channels(body: nn.Module, in_channels: int) -> int:
