@@ -269,6 +269,59 @@ def refine_samples(
                 )
 
 
+def _refined_mask(
+    policy: PseudoMaskPolicy,
+    image: np.ndarray,
+    shares: torch.Tensor,
+    labels: torch.Tensor,
+    min_share: float,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The class probabilities at walk size and the refined mask at image size."""
+    walked = shares[:, 1:]
+    h, w = walked.shape[2:]
+    lab = labels.to(torch.uint8)[None]
+    img_t = None
+    if policy.crf is not None:
+        small = resize_area(image, h, w)
+        img_t = torch.from_numpy(small if small.ndim == 3 else small[..., None]).permute(2, 0, 1)[
+            None
+        ]
+    if policy.crf is None:
+        probs = walked
+        mask = labels_from_walk(shares, min_share)[0].numpy()
+    else:
+        probs = policy.probabilities(walked, lab, img_t)
+        mask = policy.threshold(probs, lab)[0].numpy().astype(np.uint8)
+    return probs, resize_nearest(mask, *image.shape[:2])
+
+
+def _quality(
+    quality: dict[str, Any],
+    mask: np.ndarray,
+    gt: np.ndarray,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    thresholds: list[float],
+    policy: PseudoMaskPolicy,
+) -> dict[str, Any]:
+    """The row's ``quality`` entry with the refined mask's counts and threshold sweep.
+
+    ``probs`` is (1,K,h,w); ``mask`` and ``gt`` are at image size.
+    """
+    p = probs[0].float().numpy()
+    quality["counts"] = confusion_counts(
+        torch.from_numpy(mask)[None], torch.from_numpy(gt)[None], p.shape[0]
+    )[0].tolist()
+    quality["sweep"] = sweep_counts(
+        p,
+        labels.numpy().astype(np.uint8),
+        resize_nearest(gt, *p.shape[1:]),
+        thresholds,
+        policy.threshold_rule,
+    )
+    return quality
+
+
 def _write_refined(
     run: RunDir,
     policy: PseudoMaskPolicy,
@@ -285,22 +338,8 @@ def _write_refined(
     class shares."""
     out = run.pseudo
     image = read_image(paths[0])
-    walked = shares[:, 1:]
-    k, h, w = walked.shape[1:]
-    lab = labels.to(torch.uint8)[None]
-    img_t = None
-    if policy.crf is not None:
-        small = resize_area(image, h, w)
-        img_t = torch.from_numpy(small if small.ndim == 3 else small[..., None]).permute(2, 0, 1)[
-            None
-        ]
-    if policy.crf is None:
-        probs = walked
-        mask = labels_from_walk(shares, min_share)[0].numpy()
-    else:
-        probs = policy.probabilities(walked, lab, img_t)
-        mask = policy.threshold(probs, lab)[0].numpy().astype(np.uint8)
-    mask = resize_nearest(mask, *image.shape[:2])
+    k, h, w = shares[:, 1:].shape[1:]
+    probs, mask = _refined_mask(policy, image, shares, labels, min_share)
     save_png_atomic(out / "masks" / f"{sid}.png", mask)
     row_path = out / "rows" / f"{sid}.json"
     row = read_json(row_path)
@@ -310,17 +349,7 @@ def _write_refined(
     row["class_fraction"] = [float(v) for v in counts[1 : k + 1] / mask.size]
     gt = read_mask(paths[1]) if paths[1] is not None and "quality" in row else None
     if gt is not None:
-        p = probs[0].float().numpy()
-        row["quality"]["counts"] = confusion_counts(
-            torch.from_numpy(mask)[None], torch.from_numpy(gt)[None], k
-        )[0].tolist()
-        row["quality"]["sweep"] = sweep_counts(
-            p,
-            labels.numpy().astype(np.uint8),
-            resize_nearest(gt, *p.shape[1:]),
-            thresholds,
-            policy.threshold_rule,
-        )
+        row["quality"] = _quality(row["quality"], mask, gt, probs, labels, thresholds, policy)
     overlay = out / "overlays" / f"{sid}.png"
     if overlay.is_file():
         present = labels.numpy()[:, None, None] > 0
