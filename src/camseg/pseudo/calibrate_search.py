@@ -95,12 +95,10 @@ def evaluate(val: ValidationSet, post: _Posteriors, policy: PseudoMaskPolicy) ->
     return {"dice": _dice(_counts(val, masks)), "missed_as_background": missed / max(lesion, 1)}
 
 
-def search(
-    val: ValidationSet, grid: Grid, configured: PseudoMaskPolicy, with_crf: bool
-) -> dict[str, Any]:
-    """Score every candidate; return the table, the chosen policy and both policies' Dice."""
-    post = _Posteriors(val)
-    crfs = _crf_candidates(configured.crf, grid) if with_crf else [None]
+def _fg_table(
+    val: ValidationSet, post: _Posteriors, grid: Grid, crfs: list[CRFConfig | None]
+) -> list[dict[str, Any]]:
+    """Validation Dice of every (CRF, rule, foreground threshold, component size) candidate."""
     rows: list[dict[str, Any]] = []
     fgs = sorted(set(grid.fg_thresholds))
     for crf in crfs:
@@ -125,9 +123,19 @@ def search(
                             "dice": _dice(_counts(val, cleaned)),
                         }
                     )
-    best = max(range(len(rows)), key=lambda i: (rows[i]["dice"], -i))  # first of equals
-    top = rows[best]
-    crf = crfs[[None if c is None else c.bg_power for c in crfs].index(top["crf_bg_power"])]
+    return rows
+
+
+def _choose_bg(
+    val: ValidationSet,
+    post: _Posteriors,
+    grid: Grid,
+    top: dict[str, Any],
+    crf: CRFConfig | None,
+    multilabel: bool,
+) -> tuple[PseudoMaskPolicy, list[dict[str, Any]]]:
+    """The highest background threshold (at most the chosen foreground one) that keeps the
+    misses within ``grid.max_missed_as_background``, else the smallest; and every one's scores."""
     bg_rows = []
     chosen = None
     for bg in sorted(
@@ -136,7 +144,7 @@ def search(
         policy = PseudoMaskPolicy(
             top["fg_threshold"],
             bg,
-            configured.multilabel,
+            multilabel,
             top["min_component_size"],
             crf,
             top["rule"],
@@ -150,11 +158,25 @@ def search(
         chosen = PseudoMaskPolicy(
             top["fg_threshold"],
             smallest,
-            configured.multilabel,
+            multilabel,
             top["min_component_size"],
             crf,
             top["rule"],
         )
+    return chosen, bg_rows
+
+
+def search(
+    val: ValidationSet, grid: Grid, configured: PseudoMaskPolicy, with_crf: bool
+) -> dict[str, Any]:
+    """Score every candidate; return the table, the chosen policy and both policies' Dice."""
+    post = _Posteriors(val)
+    crfs: list[CRFConfig | None] = _crf_candidates(configured.crf, grid) if with_crf else [None]
+    rows = _fg_table(val, post, grid, crfs)
+    best = max(range(len(rows)), key=lambda i: (rows[i]["dice"], -i))  # first of equals
+    top = rows[best]
+    crf = crfs[[None if c is None else c.bg_power for c in crfs].index(top["crf_bg_power"])]
+    chosen, bg_rows = _choose_bg(val, post, grid, top, crf, configured.multilabel)
     return {
         "table": rows,
         "bg_search": bg_rows,
