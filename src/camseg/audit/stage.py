@@ -17,6 +17,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from camseg import __version__, fingerprint
 from camseg.audit.module import AuditPredictModule, AuditSettings
@@ -101,6 +102,31 @@ def choose_samples(dm: CamSegDataModule, split: str, max_images: int) -> list[st
     return ids
 
 
+def _loader(cfg: DictConfig, dm: CamSegDataModule, split: str, ids: set[str]) -> DataLoader:
+    """An unshuffled loader of the chosen images of ``split`` (no training augmentation)."""
+    dataset = dm.dataset(split, train=False)
+    dataset.items = [it for it in dataset.items if it.id in ids]
+    return dm._loader(
+        dataset,
+        shuffle=False,
+        batch_size=int(OmegaConf.select(cfg, "audit.batch_size", default=64)),
+    )
+
+
+def _headline(primary: str, m: dict[str, Any]) -> dict[str, Any]:
+    """audit.json's ``headline``: the key numbers of the primary method's summary ``m``."""
+    return {
+        "method": primary,
+        "energy_pointing": m["localisation"]["energy_pointing"],
+        "pointing_game": m["localisation"]["pointing_game"],
+        "out_of_body_share": m["anatomy"]["out_of_body_share"],
+        "shortcut": m["shortcut"]["flagged"],
+        "shortcut_corner": m["shortcut"]["corner"],
+        "shortcut_reasons": m["shortcut"]["reasons"],
+        "shortcut_causes": m["shortcut"]["causes"],
+    }
+
+
 def audit_dataset(cfg: DictConfig, ckpt: Path, dm: CamSegDataModule, out: Path) -> dict[str, Any]:
     """Audit the classifier of ``ckpt`` on ``dm``; return audit.json's content (not written)."""
     model, hp = load_classifier(ckpt)
@@ -109,13 +135,7 @@ def audit_dataset(cfg: DictConfig, ckpt: Path, dm: CamSegDataModule, out: Path) 
     split = str(OmegaConf.select(cfg, "audit.split", default="all"))
     ids = set(choose_samples(dm, split, int(OmegaConf.select(cfg, "audit.max_images", default=64))))
     engines = build_engines(cfg, model, multilabel)
-    dataset = dm.dataset(split, train=False)
-    dataset.items = [it for it in dataset.items if it.id in ids]
-    loader = dm._loader(
-        dataset,
-        shuffle=False,
-        batch_size=int(OmegaConf.select(cfg, "audit.batch_size", default=64)),
-    )
+    loader = _loader(cfg, dm, split, ids)
     module = AuditPredictModule(model, engines, multilabel, s)
     trainer = build_trainer(
         cfg,
@@ -155,17 +175,7 @@ def audit_dataset(cfg: DictConfig, ckpt: Path, dm: CamSegDataModule, out: Path) 
         doc["focus"][name] = {**focus_summary(sums, counts, classes), "image": f"focus_{name}.png"}
         save_png_atomic(out / f"focus_{name}.png", focus_image(sums, counts))
     primary = next(iter(engines))
-    m = doc["methods"][primary]
-    doc["headline"] = {
-        "method": primary,
-        "energy_pointing": m["localisation"]["energy_pointing"],
-        "pointing_game": m["localisation"]["pointing_game"],
-        "out_of_body_share": m["anatomy"]["out_of_body_share"],
-        "shortcut": m["shortcut"]["flagged"],
-        "shortcut_corner": m["shortcut"]["corner"],
-        "shortcut_reasons": m["shortcut"]["reasons"],
-        "shortcut_causes": m["shortcut"]["causes"],
-    }
+    doc["headline"] = _headline(primary, doc["methods"][primary])
     doc["rows"] = rows
     return doc
 
