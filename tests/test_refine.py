@@ -247,3 +247,52 @@ def test_fingerprints_see_the_refine_and_regulariser_keys() -> None:
     assert fingerprint.stage_config("pseudo", base) != fingerprint.stage_config("pseudo", walk)
     assert fingerprint.stage_config("cls", base) == fingerprint.stage_config("cls", walk)
     assert fingerprint.stage_config("cls", base) != fingerprint.stage_config("cls", reg)
+
+
+def _square_shares(size: int, lo: int, hi: int, inside: float) -> torch.Tensor:
+    """Shares (1, 2, size, size): the class holds ``inside`` on [lo:hi]², 0.05 elsewhere."""
+    fg = torch.full((size, size), 0.05)
+    fg[lo:hi, lo:hi] = inside
+    return torch.stack([1 - fg, fg])[None]
+
+
+def test_refined_mask_takes_the_walk_argmax_or_the_crf_posterior() -> None:
+    from camseg.cam.policy import PseudoMaskPolicy
+    from camseg.pseudo.refine import _refined_mask
+
+    # A 32 px image whose bright square [8:24]² matches the walked class at half size [4:12]².
+    image = np.full((32, 32), 40, np.uint8)
+    image[8:24, 8:24] = 220
+    square = np.zeros((32, 32), bool)
+    square[8:24, 8:24] = True
+    labels = torch.tensor([1])
+
+    # No CRF: argmax of the shares, ignore where the winner holds less than min_share.
+    shares = _square_shares(16, 4, 12, 0.9)
+    shares[0, :, 0, 0] = torch.tensor([0.55, 0.45])  # an ambiguous corner cell
+    probs, mask = _refined_mask(PseudoMaskPolicy(0.5, 0.3), image, shares, labels, 0.6)
+    assert probs.shape == (1, 1, 16, 16) and torch.equal(probs, shares[:, 1:])
+    assert mask.shape == (32, 32)
+    assert (mask[square] == 1).all()
+    assert (mask[:2, :2] == IGNORE_INDEX).all()  # the ambiguous cell, upsampled 2x
+    outside = ~square
+    outside[:2, :2] = False
+    assert (mask[outside] == 0).all()
+
+    # With the CRF: the class shares go through the policy's CRF and thresholds. The walk is
+    # sure of the square's middle [5:11]² and unsure (0.45) on a ring [3:13]² that overhangs
+    # the bright square by one cell on every side; the CRF (bilateral kernel) settles the ring
+    # by the image: foreground on the bright square, background off it.
+    crf = {"iterations": 10, "gaussian_sxy": 0.05, "bilateral_sxy": 0.5, "bilateral_srgb": 5}
+    policy = PseudoMaskPolicy(0.5, 0.3, crf={**crf, "bg_power": 1.0})
+    unsure = _square_shares(16, 3, 13, 0.45)
+    unsure[0, 1, 5:11, 5:11] = 0.9
+    unsure[0, 0] = 1 - unsure[0, 1]
+    argmax = _refined_mask(PseudoMaskPolicy(0.5, 0.3), image, unsure, labels, 0.0)[1]
+    assert (argmax == 1).sum() == 12 * 12  # without the CRF only the sure middle
+    probs, mask = _refined_mask(policy, image, unsure, labels, 0.6)
+    assert probs.shape == (1, 1, 16, 16)
+    assert set(np.unique(mask)) <= {0, 1, IGNORE_INDEX}
+    fg = mask == 1
+    assert (fg & square).sum() / square.sum() > 0.9  # the bright square, ring included
+    assert (fg & ~square).sum() < 0.1 * square.sum()  # the ring off the square: background
