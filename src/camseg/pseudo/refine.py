@@ -39,7 +39,7 @@ from camseg.pseudo.refine_seeds import SeedConfig, write_seeds
 from camseg.pseudo.writer import sweep_counts
 from camseg.refine.module import TRAIN_LOSS, AffinityModule
 from camseg.refine.net import AffinityNet, affinity_kwargs
-from camseg.refine.pairs import local_offsets
+from camseg.refine.pairs import Offset, local_offsets
 from camseg.refine.walk import affinities, labels_from_walk, walk_with_background
 from camseg.rundir import RunDir
 from camseg.training import build_trainer
@@ -249,24 +249,55 @@ def refine_samples(
     for batch in loader:
         with torch.inference_mode():
             aff = affinities(net(batch["image"].to(device)), offsets)
-            for i, sid in enumerate(batch["id"]):
-                with np.load(run.pseudo / "cams" / f"{sid}.npz") as z:
-                    cams = torch.from_numpy(z["cams"].astype(np.float32))[None].to(device)
-                present = batch["labels"][i : i + 1].to(device) > 0
-                shares = walk_with_background(
-                    cams, present, aff[i : i + 1], offsets, beta, iterations, bg_power
-                ).cpu()
-                _write_refined(
-                    run,
-                    policy,
-                    sid,
-                    shares,
-                    batch["labels"][i],
-                    paths[sid],
-                    mode,
-                    thresholds,
-                    min_share,
-                )
+            present = batch["labels"].to(device) > 0
+            shares = _walk_batch(
+                run, batch["id"], present, aff, offsets, beta, iterations, bg_power
+            )
+        for i, sid in enumerate(batch["id"]):
+            _write_refined(
+                run,
+                policy,
+                sid,
+                shares[sid],
+                batch["labels"][i],
+                paths[sid],
+                mode,
+                thresholds,
+                min_share,
+            )
+
+
+WALK_CHUNK = 16  # samples walked together: amortises the per-step overhead, bounds memory
+
+
+def _walk_batch(
+    run: RunDir,
+    ids: list[str],
+    present: torch.Tensor,
+    aff: torch.Tensor,
+    offsets: list[Offset],
+    beta: float,
+    iterations: int,
+    bg_power: float,
+) -> dict[str, torch.Tensor]:
+    """Each sample's walked shares (1,1+K,H,W) on the CPU, walked in chunks of samples whose
+    CAMs have one size (a folder may mix image sizes)."""
+    cams = {}
+    for sid in ids:
+        with np.load(run.pseudo / "cams" / f"{sid}.npz") as z:
+            cams[sid] = torch.from_numpy(z["cams"].astype(np.float32))
+    out: dict[str, torch.Tensor] = {}
+    for shape in dict.fromkeys(tuple(c.shape) for c in cams.values()):
+        same = [i for i, sid in enumerate(ids) if tuple(cams[sid].shape) == shape]
+        for start in range(0, len(same), WALK_CHUNK):
+            idx = same[start : start + WALK_CHUNK]
+            stack = torch.stack([cams[ids[i]] for i in idx]).to(aff.device)
+            walked = walk_with_background(
+                stack, present[idx], aff[idx], offsets, beta, iterations, bg_power
+            ).cpu()
+            for j, i in enumerate(idx):
+                out[ids[i]] = walked[j : j + 1]
+    return out
 
 
 def _refined_mask(

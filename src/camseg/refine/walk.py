@@ -61,11 +61,15 @@ def random_walk(
     of its neighbours, so scores spread inside regions of high affinity and stop at
     boundaries. Dense equivalent: ``T^t v`` with ``T`` (HW)x(HW) (see the tests).
     """
+    r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    h, w = maps.shape[-2:]
     v = maps
     for _ in range(iterations):
+        # One zero-padded copy per step; each offset reads a view of it (= shift(v, dy, dx, 0)).
+        padded = F.pad(v, (r, r, r, r))
         acc = torch.zeros_like(v)
         for q, (dy, dx) in enumerate(offsets):
-            acc += trans[:, q : q + 1] * shift(v, dy, dx, 0.0)
+            acc.addcmul_(trans[:, q : q + 1], padded[..., r + dy : r + dy + h, r + dx : r + dx + w])
         v = acc
     return v
 
