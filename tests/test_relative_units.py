@@ -44,7 +44,8 @@ def test_shipped_recipes_keep_their_pixel_values_at_their_own_size(experiment: s
     if crf_px is None:
         assert p.crf is None
         return
-    assert (p.crf.gaussian_sxy * side, p.crf.bilateral_sxy * side) == crf_px
+    crf = p.crf if p.crf is not None else p.affinity.seeds.crf  # lgg_mri: its seeds' CRF
+    assert (crf.gaussian_sxy * side, crf.bilateral_sxy * side) == crf_px
     policy = PseudoMaskPolicy(min_component_size=p.min_component_size)  # accepted as it is
     assert policy.min_component_size == p.min_component_size
 
@@ -120,6 +121,8 @@ def test_preflight_refuses_pixels_before_stage_one(override: str, message: str) 
     from camseg.preflight import check_config
 
     extra = ["pseudo.calibrate=true"] if "calibration." in override else []
+    if override.startswith("pseudo.crf."):
+        extra.append("pseudo=crf")  # the LGG recipe refines by affinity; its CRF variant
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=lgg_mri", override, *extra])
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
