@@ -67,8 +67,9 @@ def check_manifest_masks(
         if row.get("ignore_fraction", 0.0) >= 1.0:
             if not skip_unlabelled:
                 raise ManifestError(
-                    f"{mpath}: mask of '{sid}' is all ignore (255) and teaches nothing; lower pseudo.bg_threshold, "
-                    "or set seg.skip_unlabelled=true to leave such samples out"
+                    f"{mpath}: mask of '{sid}' is all ignore (255) and teaches nothing; lower pseudo.bg_threshold "
+                    "(pseudo.affinity.min_share after affinity refinement), or set "
+                    "seg.skip_unlabelled=true to leave such samples out"
                 )
             skipped.append(sid)
             continue
